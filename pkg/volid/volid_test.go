@@ -1,0 +1,80 @@
+package volid
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestRoundTrip(t *testing.T) {
+	v, err := New("fast", "worker-1.example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := Parse(v.String())
+	if err != nil {
+		t.Fatalf("Parse(%q): %v", v.String(), err)
+	}
+	if got != v {
+		t.Fatalf("Parse(%q) = %+v, want %+v", v.String(), got, v)
+	}
+	if !strings.HasPrefix(v.String(), "fast:worker-1.example.com:") || len(v.Token) != TokenLen {
+		t.Fatalf("unexpected ID %q", v.String())
+	}
+	w, _ := New("fast", "worker-1.example.com")
+	if w.Token == v.Token {
+		t.Fatal("two IDs share a token")
+	}
+}
+
+func TestParseRejects(t *testing.T) {
+	tok := "0123456789abcdef01234567"
+	for _, s := range []string{
+		"", "fake-vol-id", "a:b", "a:b:c:d",
+		"../x:node:" + tok, "pool:node:../" + tok[3:], "pool:node:" + strings.ToUpper(tok),
+		"Pool:node:" + tok, "pool:-node:" + tok, "pool:no..de:" + tok, "pool:no/de:" + tok,
+		"pool:node:" + tok + "\x00", "pool:node:" + tok + "0", "pool::" + tok,
+		"pool:node:%2e%2e%2f" + tok[9:], "/abs:node:" + tok,
+		strings.Repeat("a", 40) + ":node:" + tok, "pool:" + strings.Repeat("n", 64) + ":" + tok,
+		strings.Repeat("x", 10000),
+	} {
+		if _, err := Parse(s); !errors.Is(err, ErrMalformed) {
+			t.Errorf("Parse(%q) = %v, want ErrMalformed", s, err)
+		}
+	}
+}
+
+func TestValidateNames(t *testing.T) {
+	for _, ok := range []string{"a", "default", "fast-ssd", strings.Repeat("a", 32)} {
+		if err := ValidatePoolName(ok); err != nil {
+			t.Errorf("ValidatePoolName(%q): %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "-a", "a-", "A", "a_b", "a.b", "a:b", strings.Repeat("a", 33), "../x"} {
+		if err := ValidatePoolName(bad); err == nil {
+			t.Errorf("ValidatePoolName(%q) succeeded", bad)
+		}
+	}
+	for _, bad := range []string{"", ".", "..", "a..b", "a/b", "a:b", strings.Repeat("n", 64), "-n"} {
+		if err := ValidateNodeID(bad); err == nil {
+			t.Errorf("ValidateNodeID(%q) succeeded", bad)
+		}
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add("fast:node-1:0123456789abcdef01234567")
+	f.Add("../../etc:passwd:0123456789abcdef01234567")
+	f.Fuzz(func(t *testing.T, s string) {
+		v, err := Parse(s)
+		if err != nil {
+			return
+		}
+		if v.String() != s {
+			t.Fatalf("Parse(%q) round-trips to %q", s, v.String())
+		}
+		if strings.ContainsAny(v.Token, "/.\x00") || len(v.Token) != TokenLen {
+			t.Fatalf("Parse(%q) accepted unsafe token %q", s, v.Token)
+		}
+	})
+}
