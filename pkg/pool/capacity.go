@@ -1,0 +1,81 @@
+package pool
+
+import (
+	"fmt"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Capacity is the pool's space, counted by provisioned bytes: a thin volume
+// counts with its full size from the moment it exists, so volumes that are
+// filled later never run the pool out of space.
+type Capacity struct {
+	// Total is the pool's capacity: the configured capacity, or the size of
+	// its filesystem.
+	Total int64
+	// Provisioned is the sum of the sizes of all volumes.
+	Provisioned int64
+	// Allocated is what the images really occupy on disk.
+	Allocated int64
+	// Available is what a new volume may still provision: Total minus
+	// Provisioned, and never more than the filesystem could still hold if
+	// every volume were filled.
+	Available int64
+
+	// limit is min(Total, free space + Allocated), before subtracting
+	// Provisioned.
+	limit int64
+}
+
+// Capacity computes the pool's capacity now.
+func (p *Pool) Capacity() (Capacity, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(p.root, &st); err != nil {
+		return Capacity{}, fmt.Errorf("statfs %s: %w", p.root, err)
+	}
+	fsTotal := int64(st.Blocks) * st.Bsize
+	fsFree := int64(st.Bavail) * st.Bsize
+
+	var c Capacity
+	p.mu.Lock()
+	images := make([]string, 0, len(p.vols))
+	for tok := range p.vols {
+		images = append(images, tok)
+	}
+	c.Provisioned = p.provisioned
+	reserved := p.reserved
+	p.mu.Unlock()
+
+	for _, tok := range images {
+		c.Allocated += p.allocated(tok)
+	}
+	c.Total = fsTotal
+	if p.capLimit > 0 {
+		c.Total = p.capLimit
+	}
+	// The pool can never use more than its filesystem's free space plus what
+	// its images already hold.
+	c.limit = min(c.Total, fsFree+c.Allocated)
+	c.Available = max(c.limit-c.Provisioned-reserved, 0)
+	return c, nil
+}
+
+// allocated returns the bytes the volume's files occupy on disk.
+func (p *Pool) allocated(token string) int64 {
+	var n int64
+	for _, f := range []string{imageFile, metaFile} {
+		fi, err := os.Stat(p.volumeDir(token) + "/" + f)
+		if err != nil {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			n += st.Blocks * 512
+		}
+	}
+	return n
+}
+
+// AllocatedBytes returns the bytes the volume's image occupies on disk.
+func (p *Pool) AllocatedBytes(token string) int64 { return p.allocated(token) }

@@ -1,0 +1,292 @@
+// Package pool is the only code that knows the on-disk layout of a Spool
+// pool. A pool directory alone is enough to recover every volume:
+//
+//	<root>/spool-pool.json          pool identity (name, id), written once
+//	<root>/.lock                    flock held by the spool process serving the pool
+//	<root>/volumes/<token>/disk.img the volume image (sparse, or preallocated)
+//	<root>/volumes/<token>/volume.json  the volume's metadata, replaced atomically
+//	<root>/.tmp/<token>/            volumes being built; renamed into volumes/ when whole
+//	<root>/.trash/<token>/          volumes being deleted
+//
+// A crash leaves either nothing or a whole volume: Open removes what .tmp and
+// .trash still hold.
+package pool
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/size"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+const (
+	identityFile = "spool-pool.json"
+	lockFile     = ".lock"
+	volumesDir   = "volumes"
+	tmpDir       = ".tmp"
+	trashDir     = ".trash"
+	metaFile     = "volume.json"
+	imageFile    = "disk.img"
+)
+
+// Spec is a pool as configured on the command line: NAME=DIR[,capacity=SIZE].
+type Spec struct {
+	Name string
+	Dir  string
+	// Capacity caps the bytes the pool may provision; 0 means the size of
+	// the filesystem that holds Dir.
+	Capacity int64
+}
+
+// ParseSpec parses NAME=DIR[,capacity=SIZE].
+func ParseSpec(s string) (Spec, error) {
+	name, rest, ok := strings.Cut(s, "=")
+	if !ok {
+		return Spec{}, fmt.Errorf("pool %q: want NAME=DIR[,capacity=SIZE]", s)
+	}
+	if err := volid.ValidatePoolName(name); err != nil {
+		return Spec{}, fmt.Errorf("pool %q: %w", s, err)
+	}
+	fields := strings.Split(rest, ",")
+	spec := Spec{Name: name, Dir: fields[0]}
+	if spec.Dir == "" || !filepath.IsAbs(spec.Dir) {
+		return Spec{}, fmt.Errorf("pool %q: directory must be an absolute path", s)
+	}
+	spec.Dir = filepath.Clean(spec.Dir)
+	for _, f := range fields[1:] {
+		k, v, _ := strings.Cut(f, "=")
+		switch k {
+		case "capacity":
+			c, err := size.Parse(v)
+			if err != nil || c == 0 {
+				return Spec{}, fmt.Errorf("pool %q: invalid capacity %q", s, v)
+			}
+			spec.Capacity = c
+		default:
+			return Spec{}, fmt.Errorf("pool %q: unknown option %q (known: capacity)", s, k)
+		}
+	}
+	return spec, nil
+}
+
+type identity struct {
+	Name      string    `json:"name"`
+	ID        string    `json:"id"`
+	CreatedAt time.Time `json:"createdAt"`
+	Format    int       `json:"format"`
+}
+
+// Pool is an open pool directory. Its methods are safe for concurrent use;
+// mu guards only the in-memory index and capacity reservations and is never
+// held across file I/O on images.
+type Pool struct {
+	name     string
+	root     string
+	node     string
+	capLimit int64
+	lock     *os.File
+
+	mu          sync.Mutex
+	vols        map[string]*Volume // token -> volume
+	names       map[string]string  // name -> token
+	pending     map[string]bool    // names being created
+	busy        map[string]bool    // tokens being deleted
+	reserved    int64              // bytes of volumes being created
+	provisioned int64              // sum of CapacityBytes of vols
+}
+
+// Open opens (creating if needed) the pool directory, takes its lock,
+// removes what an interrupted create or delete left and loads the index.
+func Open(spec Spec, node string) (*Pool, error) {
+	if err := volid.ValidatePoolName(spec.Name); err != nil {
+		return nil, err
+	}
+	if err := volid.ValidateNodeID(node); err != nil {
+		return nil, err
+	}
+	if !filepath.IsAbs(spec.Dir) {
+		return nil, fmt.Errorf("pool %s: directory %q is not absolute", spec.Name, spec.Dir)
+	}
+	p := &Pool{
+		name: spec.Name, root: filepath.Clean(spec.Dir), node: node, capLimit: spec.Capacity,
+		vols: map[string]*Volume{}, names: map[string]string{}, pending: map[string]bool{}, busy: map[string]bool{},
+	}
+	if err := os.MkdirAll(p.root, 0o750); err != nil {
+		return nil, fmt.Errorf("pool %s: creating %s: %w", p.name, p.root, err)
+	}
+	lf, err := os.OpenFile(filepath.Join(p.root, lockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("pool %s: opening lock file: %w", p.name, err)
+	}
+	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		_ = lf.Close()
+		return nil, fmt.Errorf("pool %s: %s is in use by another spool process: %w", p.name, p.root, err)
+	}
+	p.lock = lf
+	if err := p.open(); err != nil {
+		p.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+func (p *Pool) open() error {
+	if err := p.checkIdentity(); err != nil {
+		return err
+	}
+	for _, d := range []string{volumesDir, tmpDir, trashDir} {
+		if err := os.MkdirAll(filepath.Join(p.root, d), 0o750); err != nil {
+			return fmt.Errorf("pool %s: creating %s: %w", p.name, d, err)
+		}
+	}
+	for _, d := range []string{tmpDir, trashDir} {
+		if err := p.emptyDir(d); err != nil {
+			return err
+		}
+	}
+	return p.loadIndex()
+}
+
+// checkIdentity writes the identity file of a new pool, or checks that an
+// existing directory belongs to this pool: renaming a pool would orphan every
+// volume ID that names it.
+func (p *Pool) checkIdentity() error {
+	path := filepath.Join(p.root, identityFile)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		tok, err := volid.NewToken()
+		if err != nil {
+			return err
+		}
+		id := identity{Name: p.name, ID: tok, CreatedAt: time.Now().UTC(), Format: 1}
+		data, _ := json.MarshalIndent(id, "", "  ")
+		klog.InfoS("Initialising new pool", "pool", p.name, "dir", p.root, "poolID", tok)
+		return writeFileAtomic(path, data)
+	}
+	if err != nil {
+		return fmt.Errorf("pool %s: reading identity: %w", p.name, err)
+	}
+	var id identity
+	if err := json.Unmarshal(data, &id); err != nil {
+		return fmt.Errorf("pool %s: %s is corrupt: %w", p.name, path, err)
+	}
+	if id.Name != p.name {
+		return fmt.Errorf("pool %s: directory %s belongs to pool %q; volume IDs name their pool, so a pool cannot be renamed", p.name, p.root, id.Name)
+	}
+	return nil
+}
+
+// emptyDir removes leftovers of interrupted operations inside one of the
+// pool's own scratch directories.
+func (p *Pool) emptyDir(dir string) error {
+	full := filepath.Join(p.root, dir)
+	entries, err := os.ReadDir(full)
+	if err != nil {
+		return fmt.Errorf("pool %s: reading %s: %w", p.name, dir, err)
+	}
+	for _, e := range entries {
+		klog.InfoS("Removing leftover of an interrupted operation", "pool", p.name, "path", filepath.Join(dir, e.Name()))
+		if err := os.RemoveAll(filepath.Join(full, e.Name())); err != nil {
+			return fmt.Errorf("pool %s: removing %s: %w", p.name, e.Name(), err)
+		}
+	}
+	return nil
+}
+
+func (p *Pool) loadIndex() error {
+	entries, err := os.ReadDir(filepath.Join(p.root, volumesDir))
+	if err != nil {
+		return fmt.Errorf("pool %s: reading volumes: %w", p.name, err)
+	}
+	for _, e := range entries {
+		if !volid.IsToken(e.Name()) {
+			klog.InfoS("Ignoring unknown entry in pool", "pool", p.name, "entry", e.Name())
+			continue
+		}
+		v, err := p.readMeta(e.Name())
+		if err != nil {
+			// Never delete data we cannot explain: report it and go on.
+			klog.ErrorS(err, "Skipping volume with unreadable metadata", "pool", p.name, "token", e.Name())
+			continue
+		}
+		if other, dup := p.names[v.Name]; dup {
+			klog.ErrorS(nil, "Two volumes carry the same name; keeping the first", "pool", p.name, "name", v.Name, "kept", other, "skipped", e.Name())
+			continue
+		}
+		p.vols[v.token] = v
+		p.names[v.Name] = v.token
+		p.provisioned += v.CapacityBytes
+	}
+	klog.InfoS("Opened pool", "pool", p.name, "dir", p.root, "volumes", len(p.vols))
+	return nil
+}
+
+func (p *Pool) readMeta(token string) (*Volume, error) {
+	data, err := os.ReadFile(filepath.Join(p.volumeDir(token), metaFile))
+	if err != nil {
+		return nil, err
+	}
+	v := &Volume{}
+	if err := json.Unmarshal(data, v); err != nil {
+		return nil, fmt.Errorf("parsing %s of %s: %w", metaFile, token, err)
+	}
+	id, err := volid.Parse(v.ID)
+	if err != nil || id.Token != token || id.Pool != p.name {
+		return nil, fmt.Errorf("volume %s: metadata names ID %q", token, v.ID)
+	}
+	v.token = token
+	return v, nil
+}
+
+// Close releases the pool lock.
+func (p *Pool) Close() {
+	if p.lock != nil {
+		_ = p.lock.Close()
+		p.lock = nil
+	}
+}
+
+// Name is the pool name.
+func (p *Pool) Name() string { return p.name }
+
+// Root is the pool directory.
+func (p *Pool) Root() string { return p.root }
+
+// Node is the node that owns the pool.
+func (p *Pool) Node() string { return p.node }
+
+// volumeDir is the directory of a volume; token must already be validated.
+func (p *Pool) volumeDir(token string) string {
+	return filepath.Join(p.root, volumesDir, token)
+}
+
+// ImagePath returns the image file of the volume with this token.
+func (p *Pool) ImagePath(token string) (string, error) {
+	if !volid.IsToken(token) {
+		return "", fmt.Errorf("invalid token %q", token)
+	}
+	return filepath.Join(p.volumeDir(token), imageFile), nil
+}
+
+// List returns copies of all volumes, sorted by ID.
+func (p *Pool) List() []Volume {
+	p.mu.Lock()
+	out := make([]Volume, 0, len(p.vols))
+	for _, v := range p.vols {
+		out = append(out, v.clone())
+	}
+	p.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}

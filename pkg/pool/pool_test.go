@@ -1,0 +1,204 @@
+package pool
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/spool-csi/spool/pkg/size"
+)
+
+func openPool(t *testing.T, dir string, capacity int64) *Pool {
+	t.Helper()
+	p, err := Open(Spec{Name: "test", Dir: dir, Capacity: capacity}, "node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+func req(name string, n int64) CreateRequest {
+	return CreateRequest{Name: name, CapacityBytes: n, Provisioning: Thin, AccessType: Mount, FSType: "ext4"}
+}
+
+func TestCreateGetDelete(t *testing.T) {
+	dir := t.TempDir()
+	p := openPool(t, dir, 0)
+	v, created, err := p.CreateVolume(req("pvc-1", 64*size.MiB))
+	if err != nil || !created {
+		t.Fatalf("CreateVolume: %v, created=%t", err, created)
+	}
+	if !strings.HasPrefix(v.ID, "test:node-1:") {
+		t.Fatalf("ID %q", v.ID)
+	}
+	img, _ := p.ImagePath(v.Token())
+	fi, err := os.Stat(img)
+	if err != nil || fi.Size() != 64*size.MiB {
+		t.Fatalf("image: %v, %v", fi, err)
+	}
+	if p.AllocatedBytes(v.Token()) > size.MiB {
+		t.Fatalf("thin image allocates %d bytes", p.AllocatedBytes(v.Token()))
+	}
+	again, created, err := p.CreateVolume(req("pvc-1", 64*size.MiB))
+	if err != nil || created || again.ID != v.ID {
+		t.Fatalf("second CreateVolume: %v created=%t id=%s", err, created, again.ID)
+	}
+	if got, err := p.Get(v.Token()); err != nil || got.Name != "pvc-1" {
+		t.Fatalf("Get: %+v %v", got, err)
+	}
+	if err := p.DeleteVolume(v.Token()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Dir(img)); !os.IsNotExist(err) {
+		t.Fatalf("volume directory still there: %v", err)
+	}
+	if _, err := p.Get(v.Token()); status.Code(err) != codes.NotFound {
+		t.Fatalf("Get after delete: %v", err)
+	}
+	if err := p.DeleteVolume(v.Token()); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, trashDir)); len(entries) != 0 {
+		t.Fatalf("trash not empty: %v", entries)
+	}
+}
+
+func TestThickPreallocates(t *testing.T) {
+	p := openPool(t, t.TempDir(), 0)
+	r := req("thick", 8*size.MiB)
+	r.Provisioning = Thick
+	v, _, err := p.CreateVolume(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := p.AllocatedBytes(v.Token()); got < 8*size.MiB {
+		t.Fatalf("thick image allocates %d bytes, want >= %d", got, 8*size.MiB)
+	}
+}
+
+func TestCapacityCountsProvisionedBytes(t *testing.T) {
+	p := openPool(t, t.TempDir(), 100*size.MiB)
+	if _, _, err := p.CreateVolume(req("a", 60*size.MiB)); err != nil {
+		t.Fatal(err)
+	}
+	c, err := p.Capacity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Total != 100*size.MiB || c.Provisioned != 60*size.MiB || c.Available != 40*size.MiB {
+		t.Fatalf("capacity %+v", c)
+	}
+	// The thin image holds no data, yet its full size is spoken for.
+	_, _, err = p.CreateVolume(req("b", 41*size.MiB))
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("over-provisioning: %v, want ResourceExhausted", err)
+	}
+	if _, _, err := p.CreateVolume(req("b", 40*size.MiB)); err != nil {
+		t.Fatalf("exact fit: %v", err)
+	}
+}
+
+func TestConcurrentCreateSameName(t *testing.T) {
+	p := openPool(t, t.TempDir(), 0)
+	var wg sync.WaitGroup
+	ids := make(chan string, 32)
+	for range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v, _, err := p.CreateVolume(req("same", size.MiB))
+			if err == nil {
+				ids <- v.ID
+			} else if status.Code(err) != codes.Aborted {
+				t.Errorf("CreateVolume: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(ids)
+	seen := map[string]bool{}
+	for id := range ids {
+		seen[id] = true
+	}
+	if len(seen) != 1 || len(p.List()) != 1 {
+		t.Fatalf("got IDs %v and %d volumes, want exactly one", seen, len(p.List()))
+	}
+}
+
+func TestReopenRecoversAndCleans(t *testing.T) {
+	dir := t.TempDir()
+	p := openPool(t, dir, 0)
+	v, _, err := p.CreateVolume(req("keep", size.MiB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Update(v.Token(), func(v *Volume) error {
+		v.Attachments = append(v.Attachments, Attachment{Node: "node-1", Generation: 1})
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(Spec{Name: "test", Dir: dir}, "node-1"); err == nil {
+		t.Fatal("a second Open of a locked pool succeeded")
+	}
+	p.Close()
+
+	// What a crash leaves: a half-built volume and a half-deleted one.
+	for _, d := range []string{filepath.Join(dir, tmpDir, "aaaaaaaaaaaaaaaaaaaaaaaa"), filepath.Join(dir, trashDir, "bbbbbbbbbbbbbbbbbbbbbbbb")} {
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, imageFile), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A directory with unreadable metadata is reported, never deleted.
+	corrupt := filepath.Join(dir, volumesDir, "cccccccccccccccccccccccc")
+	if err := os.MkdirAll(corrupt, 0o750); err != nil {
+		t.Fatal(err)
+	}
+
+	q := openPool(t, dir, 0)
+	got, err := q.Get(v.Token())
+	if err != nil || got.Name != "keep" || len(got.Attachments) != 1 {
+		t.Fatalf("after reopen: %+v, %v", got, err)
+	}
+	for _, d := range []string{tmpDir, trashDir} {
+		if entries, _ := os.ReadDir(filepath.Join(dir, d)); len(entries) != 0 {
+			t.Errorf("%s not cleaned: %v", d, entries)
+		}
+	}
+	if _, err := os.Stat(corrupt); err != nil {
+		t.Errorf("corrupt volume directory was removed: %v", err)
+	}
+	if len(q.List()) != 1 {
+		t.Errorf("List: %v", q.List())
+	}
+}
+
+func TestIdentityMismatch(t *testing.T) {
+	dir := t.TempDir()
+	p := openPool(t, dir, 0)
+	p.Close()
+	if _, err := Open(Spec{Name: "other", Dir: dir}, "node-1"); err == nil || !strings.Contains(err.Error(), "belongs to pool") {
+		t.Fatalf("opening a pool under another name: %v", err)
+	}
+}
+
+func TestParseSpec(t *testing.T) {
+	s, err := ParseSpec("fast=/var/lib/spool/fast,capacity=10Gi")
+	if err != nil || s.Name != "fast" || s.Dir != "/var/lib/spool/fast" || s.Capacity != 10*size.GiB {
+		t.Fatalf("ParseSpec: %+v %v", s, err)
+	}
+	for _, bad := range []string{"", "fast", "fast=", "fast=relative/dir", "Fast=/x", "fast=/x,capacity=", "fast=/x,capacity=-1", "fast=/x,capacity=0", "fast=/x,color=red", "../x=/y"} {
+		if _, err := ParseSpec(bad); err == nil {
+			t.Errorf("ParseSpec(%q) succeeded", bad)
+		}
+	}
+}

@@ -1,0 +1,306 @@
+package pool
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/size"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+// Provisioning says whether an image is sparse or preallocated.
+type Provisioning string
+
+// Provisioning modes.
+const (
+	Thin  Provisioning = "thin"
+	Thick Provisioning = "thick"
+)
+
+// AccessType is how a volume is consumed: through a filesystem or as a raw
+// block device.
+type AccessType string
+
+// Access types.
+const (
+	Mount AccessType = "mount"
+	Block AccessType = "block"
+)
+
+// Attachment records that a volume is attached (ControllerPublished) to a
+// node. Generation grows with every new attachment of the volume, so a
+// publish context of an older attachment is recognised as stale.
+type Attachment struct {
+	Node       string `json:"node"`
+	ReadOnly   bool   `json:"readOnly"`
+	AccessMode string `json:"accessMode"`
+	Generation uint64 `json:"generation"`
+}
+
+// Volume is a volume's metadata, as stored in volume.json.
+type Volume struct {
+	ID            string            `json:"id"`
+	Name          string            `json:"name"`
+	CapacityBytes int64             `json:"capacityBytes"`
+	Provisioning  Provisioning      `json:"provisioning"`
+	AccessType    AccessType        `json:"accessType"`
+	FSType        string            `json:"fsType,omitempty"`
+	Parameters    map[string]string `json:"parameters,omitempty"`
+	CreatedAt     time.Time         `json:"createdAt"`
+	// Generation is the last attachment generation handed out.
+	Generation  uint64       `json:"generation"`
+	Attachments []Attachment `json:"attachments,omitempty"`
+
+	token string
+}
+
+// Token is the volume's token (its directory name).
+func (v *Volume) Token() string { return v.token }
+
+// AttachmentFor returns the attachment of node, if any.
+func (v *Volume) AttachmentFor(node string) (Attachment, bool) {
+	for _, a := range v.Attachments {
+		if a.Node == node {
+			return a, true
+		}
+	}
+	return Attachment{}, false
+}
+
+func (v *Volume) clone() Volume {
+	c := *v
+	c.Parameters = maps.Clone(v.Parameters)
+	c.Attachments = slices.Clone(v.Attachments)
+	return c
+}
+
+// CreateRequest describes a new volume. CapacityBytes is final: the caller
+// has already rounded it.
+type CreateRequest struct {
+	Name          string
+	CapacityBytes int64
+	Provisioning  Provisioning
+	AccessType    AccessType
+	FSType        string
+	Parameters    map[string]string
+}
+
+// CreateVolume creates the volume, or returns the existing volume of that
+// name with created=false (the caller decides whether it is compatible).
+func (p *Pool) CreateVolume(req CreateRequest) (v Volume, created bool, err error) {
+	if req.CapacityBytes <= 0 || req.CapacityBytes%size.MiB != 0 {
+		return Volume{}, false, status.Errorf(codes.Internal, "capacity %d is not a positive multiple of 1 MiB", req.CapacityBytes)
+	}
+	capa, err := p.Capacity()
+	if err != nil {
+		return Volume{}, false, err
+	}
+
+	p.mu.Lock()
+	if tok, ok := p.names[req.Name]; ok {
+		v := p.vols[tok].clone()
+		p.mu.Unlock()
+		return v, false, nil
+	}
+	if p.pending[req.Name] {
+		p.mu.Unlock()
+		return Volume{}, false, status.Errorf(codes.Aborted, "volume %q is being created", req.Name)
+	}
+	// Provisioned bytes and reservations may have moved since capa was
+	// computed: count them again under the lock.
+	if avail := capa.limit - p.provisioned - p.reserved; req.CapacityBytes > avail {
+		p.mu.Unlock()
+		return Volume{}, false, status.Errorf(codes.ResourceExhausted,
+			"pool %s cannot hold %s: %s available (capacity %s, %s provisioned)",
+			p.name, size.Format(req.CapacityBytes), size.Format(max(avail, 0)), size.Format(capa.Total), size.Format(capa.Provisioned))
+	}
+	p.pending[req.Name] = true
+	p.reserved += req.CapacityBytes
+	p.mu.Unlock()
+
+	defer func() {
+		p.mu.Lock()
+		delete(p.pending, req.Name)
+		p.reserved -= req.CapacityBytes
+		if err == nil {
+			vv := v
+			p.vols[v.token] = &vv
+			p.names[v.Name] = v.token
+			p.provisioned += v.CapacityBytes
+		}
+		p.mu.Unlock()
+	}()
+
+	id, err := volid.New(p.name, p.node)
+	if err != nil {
+		return Volume{}, false, err
+	}
+	v = Volume{
+		ID: id.String(), Name: req.Name, CapacityBytes: req.CapacityBytes, Provisioning: req.Provisioning,
+		AccessType: req.AccessType, FSType: req.FSType, Parameters: maps.Clone(req.Parameters),
+		CreatedAt: time.Now().UTC(), token: id.Token,
+	}
+	if err := p.build(&v); err != nil {
+		return Volume{}, false, err
+	}
+	klog.V(2).InfoS("Created volume", "pool", p.name, "volumeID", v.ID, "name", v.Name, "bytes", v.CapacityBytes, "provisioning", v.Provisioning)
+	return v, true, nil
+}
+
+// build makes the volume under .tmp and renames it into volumes/ once it is
+// whole and durable.
+func (p *Pool) build(v *Volume) (err error) {
+	tmp := filepath.Join(p.root, tmpDir, v.token)
+	if err := os.Mkdir(tmp, 0o750); err != nil {
+		return fmt.Errorf("creating %s: %w", tmp, err)
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(tmp)
+		}
+	}()
+	if err := makeImage(filepath.Join(tmp, imageFile), v.CapacityBytes, v.Provisioning); err != nil {
+		return err
+	}
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding metadata: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(tmp, metaFile), data); err != nil {
+		return err
+	}
+	final := p.volumeDir(v.token)
+	if err := os.Rename(tmp, final); err != nil {
+		return fmt.Errorf("renaming %s into place: %w", tmp, err)
+	}
+	return syncDir(filepath.Dir(final))
+}
+
+func makeImage(path string, bytes int64, prov Provisioning) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating image: %w", err)
+	}
+	defer func() { _ = f.Close() }()
+	if prov == Thick {
+		if err := unix.Fallocate(int(f.Fd()), 0, 0, bytes); err != nil {
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				return status.Errorf(codes.InvalidArgument, "the pool's filesystem cannot preallocate: use provisioning: thin")
+			}
+			if errors.Is(err, unix.ENOSPC) {
+				return status.Errorf(codes.ResourceExhausted, "no space left to preallocate %s", size.Format(bytes))
+			}
+			return fmt.Errorf("preallocating image: %w", err)
+		}
+	} else if err := f.Truncate(bytes); err != nil {
+		return fmt.Errorf("sizing image: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync image: %w", err)
+	}
+	return f.Close()
+}
+
+// Get returns the volume with this token, or a NotFound status.
+func (p *Pool) Get(token string) (Volume, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	v, ok := p.vols[token]
+	if !ok {
+		return Volume{}, status.Errorf(codes.NotFound, "volume %s:%s:%s does not exist", p.name, p.node, token)
+	}
+	return v.clone(), nil
+}
+
+// GetByName returns the volume with this name, if any.
+func (p *Pool) GetByName(name string) (Volume, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	tok, ok := p.names[name]
+	if !ok {
+		return Volume{}, false
+	}
+	return p.vols[tok].clone(), true
+}
+
+// Update applies fn to a copy of the volume's metadata and stores the result
+// atomically. The caller serialises updates of one volume.
+func (p *Pool) Update(token string, fn func(v *Volume) error) (Volume, error) {
+	v, err := p.Get(token)
+	if err != nil {
+		return Volume{}, err
+	}
+	if err := fn(&v); err != nil {
+		return Volume{}, err
+	}
+	data, err := json.MarshalIndent(&v, "", "  ")
+	if err != nil {
+		return Volume{}, fmt.Errorf("encoding metadata: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(p.volumeDir(token), metaFile), data); err != nil {
+		return Volume{}, err
+	}
+	p.mu.Lock()
+	if old, ok := p.vols[token]; ok {
+		p.provisioned += v.CapacityBytes - old.CapacityBytes
+		vv := v.clone()
+		p.vols[token] = &vv
+	}
+	p.mu.Unlock()
+	return v, nil
+}
+
+// DeleteVolume removes the volume. Deleting a volume that does not exist
+// succeeds.
+func (p *Pool) DeleteVolume(token string) error {
+	p.mu.Lock()
+	v, ok := p.vols[token]
+	if !ok {
+		p.mu.Unlock()
+		return nil
+	}
+	if p.busy[token] {
+		p.mu.Unlock()
+		return status.Errorf(codes.Aborted, "volume %s is being deleted", v.ID)
+	}
+	p.busy[token] = true
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		delete(p.busy, token)
+		p.mu.Unlock()
+	}()
+
+	// Rename first: from here on a crash leaves only trash that Open removes.
+	trash := filepath.Join(p.root, trashDir, token)
+	if err := os.Rename(p.volumeDir(token), trash); err != nil {
+		return fmt.Errorf("moving volume %s to trash: %w", v.ID, err)
+	}
+	if err := syncDir(filepath.Join(p.root, volumesDir)); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	delete(p.vols, token)
+	p.provisioned -= v.CapacityBytes
+	if p.names[v.Name] == token {
+		delete(p.names, v.Name)
+	}
+	p.mu.Unlock()
+	if err := os.RemoveAll(trash); err != nil {
+		// The volume is gone for every caller; Open will finish the job.
+		klog.ErrorS(err, "Could not remove deleted volume's files", "pool", p.name, "path", trash)
+	}
+	klog.V(2).InfoS("Deleted volume", "pool", p.name, "volumeID", v.ID, "name", v.Name)
+	return nil
+}
