@@ -1,0 +1,82 @@
+// Command spool is the Spool CSI driver: one binary for the identity,
+// controller and node services.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/driver"
+	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/version"
+)
+
+// poolFlags collects repeated --pool flags.
+type poolFlags []pool.Spec
+
+func (p *poolFlags) String() string {
+	var s []string
+	for _, x := range *p {
+		s = append(s, x.Name+"="+x.Dir)
+	}
+	return strings.Join(s, " ")
+}
+
+func (p *poolFlags) Set(v string) error {
+	spec, err := pool.ParseSpec(v)
+	if err != nil {
+		return err
+	}
+	*p = append(*p, spec)
+	return nil
+}
+
+func main() {
+	klog.InitFlags(nil)
+	var (
+		opts        driver.Options
+		pools       poolFlags
+		mode        string
+		showVersion bool
+	)
+	flag.StringVar(&opts.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint, unix:///path/to/csi.sock")
+	flag.StringVar(&opts.NodeID, "node-id", "", "ID of this node (the Kubernetes node name)")
+	flag.Var(&pools, "pool", "pool NAME=DIR[,capacity=SIZE]; repeat for more pools; the first is the default")
+	flag.StringVar(&mode, "mode", string(driver.ModeAll), "services to serve: all, controller or node")
+	flag.StringVar(&opts.DriverName, "driver-name", driver.DefaultDriverName, "CSI driver name")
+	flag.Int64Var(&opts.MaxVolumesPerNode, "max-volumes-per-node", 0, "volumes that may be attached to one node (0: no limit)")
+	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
+	flag.Parse()
+
+	opts.Version = version.Get()
+	if showVersion {
+		fmt.Println(opts.Version)
+		return
+	}
+	opts.Mode = driver.Mode(mode)
+	opts.Pools = pools
+	if err := run(opts); err != nil {
+		klog.ErrorS(err, "spool failed")
+		klog.Flush()
+		os.Exit(1)
+	}
+	klog.Flush()
+}
+
+func run(opts driver.Options) error {
+	d, err := driver.New(opts, driver.RealKernel())
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	return d.Run(ctx)
+}

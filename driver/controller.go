@@ -1,0 +1,447 @@
+package driver
+
+import (
+	"context"
+	"slices"
+	"strconv"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/size"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+// Publish context keys: NodeStage checks them against the attach record.
+const (
+	ctxNode       = "spool.csi.dev/node"
+	ctxGeneration = "spool.csi.dev/generation"
+	ctxReadOnly   = "spool.csi.dev/readonly"
+)
+
+// ControllerGetCapabilities lists the controller RPCs Spool implements.
+func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	var caps []*csi.ControllerServiceCapability
+	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
+		csi.ControllerServiceCapability_RPC_PUBLISH_READONLY,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES_PUBLISHED_NODES,
+		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.ControllerServiceCapability{
+			Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}},
+		})
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// CreateVolume creates a volume image in a pool, or returns the existing
+// volume of the same name when the request is compatible with it.
+func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	if err := checkName(req.GetName()); err != nil {
+		return nil, err
+	}
+	vc, err := parseCapabilities(req.GetVolumeCapabilities())
+	if err != nil {
+		return nil, err
+	}
+	prm, err := parseParams(req.GetParameters())
+	if err != nil {
+		return nil, err
+	}
+	p, ok := d.pool(prm.pool)
+	if !ok {
+		return nil, invalidf("pool %q is not served here (pools: %v)", prm.pool, d.poolOrder)
+	}
+	if req.GetVolumeContentSource() != nil {
+		return nil, invalidf("creating a volume from a snapshot or another volume is not supported yet")
+	}
+	if err := d.checkTopology(p, req.GetAccessibilityRequirements()); err != nil {
+		return nil, err
+	}
+	n, err := volumeSize(req.GetCapacityRange(), vc.fsType)
+	if err != nil {
+		return nil, err
+	}
+	v, created, err := p.CreateVolume(pool.CreateRequest{
+		Name: req.GetName(), CapacityBytes: n, Provisioning: prm.provisioning,
+		AccessType: vc.accessType, FSType: vc.fsType, Parameters: req.GetParameters(),
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !created {
+		if err := compatible(v, req, prm, vc); err != nil {
+			return nil, err
+		}
+		klog.V(4).InfoS("Volume already exists", "name", v.Name, "volumeID", v.ID)
+	}
+	return &csi.CreateVolumeResponse{Volume: d.csiVolume(p, v)}, nil
+}
+
+// compatible checks that an existing volume satisfies a repeated
+// CreateVolume with the same name.
+func compatible(v pool.Volume, req *csi.CreateVolumeRequest, prm params, vc volumeCaps) error {
+	switch {
+	case !sizeFits(v.CapacityBytes, req.GetCapacityRange()):
+		return alreadyExistsf("volume %q exists with %d bytes, outside the requested range", v.Name, v.CapacityBytes)
+	case v.Provisioning != prm.provisioning:
+		return alreadyExistsf("volume %q exists with %s provisioning", v.Name, v.Provisioning)
+	case v.AccessType != vc.accessType:
+		return alreadyExistsf("volume %q exists with %s access", v.Name, v.AccessType)
+	case v.FSType != vc.fsType:
+		return alreadyExistsf("volume %q exists with filesystem %q", v.Name, v.FSType)
+	}
+	return nil
+}
+
+// checkTopology refuses a volume whose accessibility requirements exclude the
+// node that owns the pool.
+func (d *Driver) checkTopology(p *pool.Pool, r *csi.TopologyRequirement) error {
+	if len(r.GetRequisite()) == 0 {
+		return nil
+	}
+	for _, t := range r.GetRequisite() {
+		if d.topologyMatches(p, t) {
+			return nil
+		}
+	}
+	return status.Errorf(codes.ResourceExhausted, "pool %s lives on node %s, which the requisite topology excludes", p.Name(), p.Node())
+}
+
+func (d *Driver) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
+	node, ok := t.GetSegments()[d.topologyKey]
+	return ok && node == p.Node()
+}
+
+func (d *Driver) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
+	ctx := map[string]string{ParamPool: p.Name(), ParamProvisioning: string(v.Provisioning)}
+	return &csi.Volume{
+		VolumeId:           v.ID,
+		CapacityBytes:      v.CapacityBytes,
+		VolumeContext:      ctx,
+		AccessibleTopology: []*csi.Topology{{Segments: map[string]string{d.topologyKey: p.Node()}}},
+	}
+}
+
+// lookup parses a volume ID and finds its pool. Malformed IDs and IDs of
+// pools or nodes not served here are NotFound: no such volume exists here.
+func (d *Driver) lookup(id string) (*pool.Pool, volid.Volume, error) {
+	vid, err := volid.Parse(id)
+	if err != nil {
+		return nil, volid.Volume{}, notFoundf("volume %q does not exist: %v", id, err)
+	}
+	p, ok := d.pools[vid.Pool]
+	if !ok {
+		return nil, vid, notFoundf("volume %s does not exist: pool %s is not served here", id, vid.Pool)
+	}
+	if p.Node() != vid.Node {
+		return nil, vid, notFoundf("volume %s does not exist here: it lives on node %s", id, vid.Node)
+	}
+	return p, vid, nil
+}
+
+// DeleteVolume deletes a volume; deleting a volume that does not exist
+// succeeds. A volume that is attached or staged is refused.
+func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	vid, err := volid.Parse(id)
+	if err != nil {
+		klog.V(2).InfoS("Deleting a malformed volume ID: nothing to do", "volumeID", id, "err", err)
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	p, vid, err := d.lookup(vid.String())
+	if err != nil {
+		// The ID names a pool or node this process does not serve: saying
+		// OK would let the CO forget a volume that still exists.
+		return nil, preconditionf("volume %s belongs to pool %s on node %s, which this controller does not serve", id, vid.Pool, vid.Node)
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	v, err := p.Get(vid.Token)
+	if status.Code(err) == codes.NotFound {
+		return &csi.DeleteVolumeResponse{}, nil
+	} else if err != nil {
+		return nil, err
+	}
+	if len(v.Attachments) > 0 {
+		return nil, preconditionf("volume %s is attached to node %s: ControllerUnpublishVolume it first", id, v.Attachments[0].Node)
+	}
+	if err := d.checkNotInUse(p, v); err != nil {
+		return nil, err
+	}
+	if err := p.DeleteVolume(vid.Token); err != nil {
+		return nil, err
+	}
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// checkNotInUse refuses to delete an image that a loop device on this node
+// still uses: the loop device would keep the deleted inode alive.
+func (d *Driver) checkNotInUse(p *pool.Pool, v pool.Volume) error {
+	if d.kernel.Loops == nil {
+		return nil
+	}
+	img, err := p.ImagePath(v.Token())
+	if err != nil {
+		return err
+	}
+	if dev, err := d.kernel.Loops.Find(img); err == nil {
+		return preconditionf("volume %s is still staged on this node (%s): NodeUnstageVolume it first", v.ID, dev.Path)
+	}
+	return nil
+}
+
+// ControllerPublishVolume attaches a volume to a node: it records the node in
+// the volume's metadata and returns the publish context NodeStage verifies.
+func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
+	id, node := req.GetVolumeId(), req.GetNodeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	if node == "" {
+		return nil, invalidf("node ID is missing")
+	}
+	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+		return nil, err
+	}
+	p, vid, err := d.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	if node != vid.Node {
+		return nil, notFoundf("node %q not found: volume %s lives in a local pool of node %s", node, id, vid.Node)
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	d.attachMu.Lock()
+	defer d.attachMu.Unlock()
+	v, err := p.Get(vid.Token)
+	if err != nil {
+		return nil, err
+	}
+	mode := req.GetVolumeCapability().GetAccessMode().GetMode().String()
+	if a, ok := v.AttachmentFor(node); ok {
+		if a.ReadOnly != req.GetReadonly() || a.AccessMode != mode {
+			return nil, alreadyExistsf("volume %s is already attached to node %s with readonly=%t, mode %s", id, node, a.ReadOnly, a.AccessMode)
+		}
+		return &csi.ControllerPublishVolumeResponse{PublishContext: publishContext(a)}, nil
+	}
+	if len(v.Attachments) > 0 {
+		return nil, preconditionf("volume %s is attached to node %s; a single-node volume cannot be attached to %s too", id, v.Attachments[0].Node, node)
+	}
+	if max := d.opts.MaxVolumesPerNode; max > 0 {
+		if n := d.attachedTo(node); n >= max {
+			return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes attached, its limit", node, n)
+		}
+	}
+	var att pool.Attachment
+	_, err = p.Update(vid.Token, func(v *pool.Volume) error {
+		v.Generation++
+		att = pool.Attachment{Node: node, ReadOnly: req.GetReadonly(), AccessMode: mode, Generation: v.Generation}
+		v.Attachments = append(v.Attachments, att)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	klog.V(2).InfoS("Attached volume", "volumeID", id, "node", node, "readonly", att.ReadOnly, "generation", att.Generation)
+	return &csi.ControllerPublishVolumeResponse{PublishContext: publishContext(att)}, nil
+}
+
+func publishContext(a pool.Attachment) map[string]string {
+	return map[string]string{
+		ctxNode:       a.Node,
+		ctxGeneration: strconv.FormatUint(a.Generation, 10),
+		ctxReadOnly:   strconv.FormatBool(a.ReadOnly),
+	}
+}
+
+// attachedTo counts the volumes attached to node in all pools.
+func (d *Driver) attachedTo(node string) int64 {
+	var n int64
+	for _, p := range d.pools {
+		for _, v := range p.List() {
+			if _, ok := v.AttachmentFor(node); ok {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// ControllerUnpublishVolume removes the node's attach record. Volumes and
+// nodes that do not exist are already unpublished.
+func (d *Driver) ControllerUnpublishVolume(_ context.Context, req *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error) {
+	id, node := req.GetVolumeId(), req.GetNodeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	p, vid, err := d.lookup(id)
+	if err != nil {
+		return &csi.ControllerUnpublishVolumeResponse{}, nil
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	v, err := p.Get(vid.Token)
+	if status.Code(err) == codes.NotFound {
+		return &csi.ControllerUnpublishVolumeResponse{}, nil
+	} else if err != nil {
+		return nil, err
+	}
+	detach := func(a pool.Attachment) bool { return node == "" || a.Node == node }
+	if !slices.ContainsFunc(v.Attachments, detach) {
+		return &csi.ControllerUnpublishVolumeResponse{}, nil
+	}
+	d.attachMu.Lock()
+	defer d.attachMu.Unlock()
+	if _, err := p.Update(vid.Token, func(v *pool.Volume) error {
+		v.Attachments = slices.DeleteFunc(v.Attachments, detach)
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	klog.V(2).InfoS("Detached volume", "volumeID", id, "node", node)
+	return &csi.ControllerUnpublishVolumeResponse{}, nil
+}
+
+// ValidateVolumeCapabilities confirms the capabilities Spool supports for an
+// existing volume.
+func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return nil, invalidf("volume capabilities are missing")
+	}
+	p, vid, err := d.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	v, err := p.Get(vid.Token)
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range req.GetVolumeCapabilities() {
+		if err := checkCapability(c); err != nil {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+		}
+		if t, fsType := accessTypeOf(c); t != v.AccessType || (fsType != "" && v.FSType != "" && fsType != v.FSType) {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: "volume " + id + " was created for " + string(v.AccessType) + " access " + v.FSType}, nil
+		}
+	}
+	if _, err := parseParams(req.GetParameters()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext:      req.GetVolumeContext(),
+		VolumeCapabilities: req.GetVolumeCapabilities(),
+		Parameters:         req.GetParameters(),
+	}}, nil
+}
+
+// ListVolumes lists the volumes of all pools in ID order. The token is the
+// ID to resume from, so deleting or adding volumes between pages neither
+// skips nor repeats the others.
+func (d *Driver) ListVolumes(_ context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	if req.GetMaxEntries() < 0 {
+		return nil, invalidf("max_entries must not be negative")
+	}
+	start := req.GetStartingToken()
+	if start != "" {
+		if _, err := volid.Parse(start); err != nil {
+			return nil, abortedf("starting token %q is not valid: %v", start, err)
+		}
+	}
+	type entry struct {
+		p *pool.Pool
+		v pool.Volume
+	}
+	var all []entry
+	for _, name := range d.poolOrder {
+		p := d.pools[name]
+		for _, v := range p.List() {
+			if v.ID >= start {
+				all = append(all, entry{p, v})
+			}
+		}
+	}
+	slices.SortFunc(all, func(a, b entry) int {
+		switch {
+		case a.v.ID < b.v.ID:
+			return -1
+		case a.v.ID > b.v.ID:
+			return 1
+		}
+		return 0
+	})
+	resp := &csi.ListVolumesResponse{}
+	for i, e := range all {
+		if max := int(req.GetMaxEntries()); max > 0 && i == max {
+			resp.NextToken = e.v.ID
+			break
+		}
+		st := &csi.ListVolumesResponse_VolumeStatus{}
+		for _, a := range e.v.Attachments {
+			st.PublishedNodeIds = append(st.PublishedNodeIds, a.Node)
+		}
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{Volume: d.csiVolume(e.p, e.v), Status: st})
+	}
+	return resp, nil
+}
+
+// GetCapacity reports what a new volume may still provision in a pool, for
+// the pool's node only.
+func (d *Driver) GetCapacity(_ context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+	prm, err := parseParams(req.GetParameters())
+	if err != nil {
+		return nil, err
+	}
+	p, ok := d.pool(prm.pool)
+	if !ok {
+		return nil, invalidf("pool %q is not served here (pools: %v)", prm.pool, d.poolOrder)
+	}
+	minSize := sizeGranularity
+	for _, c := range req.GetVolumeCapabilities() {
+		if checkCapability(c) != nil {
+			return &csi.GetCapacityResponse{}, nil
+		}
+		_, fsType := accessTypeOf(c)
+		minSize = max(minSize, fs.MinSize(fsType))
+	}
+	if t := req.GetAccessibleTopology(); t != nil && !d.topologyMatches(p, t) {
+		return &csi.GetCapacityResponse{}, nil
+	}
+	c, err := p.Capacity()
+	if err != nil {
+		return nil, err
+	}
+	avail := c.Available - c.Available%size.MiB
+	return &csi.GetCapacityResponse{
+		AvailableCapacity: avail,
+		MaximumVolumeSize: wrapperspb.Int64(avail),
+		MinimumVolumeSize: wrapperspb.Int64(minSize),
+	}, nil
+}

@@ -1,0 +1,246 @@
+// Package driver implements the CSI identity, controller and node services.
+// Handlers are thin: they validate the request, take the per-volume lock and
+// call into pkg/pool (the pool directory), pkg/loop (loop devices) and
+// pkg/fs (filesystems and mounts).
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/keylock"
+	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+// Mode selects the services a process serves.
+type Mode string
+
+// Modes.
+const (
+	ModeAll        Mode = "all"
+	ModeController Mode = "controller"
+	ModeNode       Mode = "node"
+)
+
+// DefaultDriverName is the CSI driver name.
+const DefaultDriverName = "spool.csi.dev"
+
+// Options is the driver's whole configuration, parsed once in cmd/spool.
+type Options struct {
+	Endpoint          string
+	NodeID            string
+	DriverName        string
+	Mode              Mode
+	Pools             []pool.Spec
+	MaxVolumesPerNode int64
+	Version           string
+}
+
+// Validate checks the options and fills in defaults.
+func (o *Options) Validate() error {
+	var errs []error
+	if o.DriverName == "" {
+		o.DriverName = DefaultDriverName
+	}
+	if o.Mode == "" {
+		o.Mode = ModeAll
+	}
+	switch o.Mode {
+	case ModeAll, ModeController, ModeNode:
+	default:
+		errs = append(errs, fmt.Errorf("--mode %q: want all, controller or node", o.Mode))
+	}
+	if _, err := socketPath(o.Endpoint); err != nil {
+		errs = append(errs, err)
+	}
+	if err := volid.ValidateNodeID(o.NodeID); err != nil {
+		errs = append(errs, fmt.Errorf("--node-id: %w", err))
+	}
+	if len(o.Pools) == 0 {
+		errs = append(errs, errors.New("at least one --pool NAME=DIR is required"))
+	}
+	seen := map[string]bool{}
+	for _, p := range o.Pools {
+		if seen[p.Name] {
+			errs = append(errs, fmt.Errorf("pool %q is configured twice", p.Name))
+		}
+		seen[p.Name] = true
+	}
+	if o.MaxVolumesPerNode < 0 {
+		errs = append(errs, errors.New("--max-volumes-per-node must not be negative"))
+	}
+	if o.Version == "" {
+		errs = append(errs, errors.New("version must not be empty"))
+	}
+	return errors.Join(errs...)
+}
+
+func (o *Options) serves(m Mode) bool { return o.Mode == ModeAll || o.Mode == m }
+
+// socketPath extracts the socket path of a unix:// endpoint. Spool listens
+// on unix sockets only: the CSI socket carries secrets and must not be
+// reachable from the network.
+func socketPath(endpoint string) (string, error) {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme != "unix" {
+		return "", fmt.Errorf("--endpoint %q: want unix:///path/to/csi.sock", endpoint)
+	}
+	p := u.Path
+	if p == "" {
+		p = u.Opaque
+	}
+	if u.Host != "" || !filepath.IsAbs(p) {
+		return "", fmt.Errorf("--endpoint %q: want an absolute socket path, unix:///path/to/csi.sock", endpoint)
+	}
+	return filepath.Clean(p), nil
+}
+
+// Driver serves the CSI services.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedControllerServer
+	csi.UnimplementedNodeServer
+
+	opts        Options
+	kernel      Kernel
+	pools       map[string]*pool.Pool
+	poolOrder   []string
+	topologyKey string
+
+	// volumeLocks serialises operations on one volume ID; a busy ID
+	// answers Aborted.
+	volumeLocks keylock.Set
+	// attachMu makes the attach-limit check and the attach record one step.
+	// It is held only for a metadata write.
+	attachMu sync.Mutex
+
+	server *grpc.Server
+}
+
+// New opens the pools and builds the driver. kernel may be zero in
+// controller mode.
+func New(opts Options, kernel Kernel) (*Driver, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	d := &Driver{opts: opts, kernel: kernel, pools: map[string]*pool.Pool{}, topologyKey: opts.DriverName + "/node"}
+	for _, spec := range opts.Pools {
+		p, err := pool.Open(spec, opts.NodeID)
+		if err != nil {
+			d.Close()
+			return nil, err
+		}
+		d.pools[spec.Name] = p
+		d.poolOrder = append(d.poolOrder, spec.Name)
+	}
+	if opts.serves(ModeNode) {
+		if err := d.detachOrphanLoops(); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// Close releases the pools.
+func (d *Driver) Close() {
+	for _, p := range d.pools {
+		p.Close()
+	}
+}
+
+// Run serves on the endpoint until ctx is cancelled.
+func (d *Driver) Run(ctx context.Context) error {
+	lis, err := d.Listen()
+	if err != nil {
+		return err
+	}
+	return d.Serve(ctx, lis)
+}
+
+// Listen creates the endpoint's socket. Callers that must know the socket
+// exists before they go on (tests, the demo) call it before Serve.
+func (d *Driver) Listen() (net.Listener, error) {
+	path, err := socketPath(d.opts.Endpoint)
+	if err != nil {
+		return nil, err
+	}
+	return listen(path)
+}
+
+// Serve serves the CSI services on lis until ctx is cancelled, then waits
+// for running calls and removes the socket.
+func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
+	d.server = grpc.NewServer(grpc.UnaryInterceptor(logAndMapErrors))
+	csi.RegisterIdentityServer(d.server, d)
+	if d.opts.serves(ModeController) {
+		csi.RegisterControllerServer(d.server, d)
+	}
+	if d.opts.serves(ModeNode) {
+		csi.RegisterNodeServer(d.server, d)
+	}
+	klog.InfoS("Serving CSI", "driver", d.opts.DriverName, "version", d.opts.Version, "mode", d.opts.Mode,
+		"endpoint", d.opts.Endpoint, "node", d.opts.NodeID, "pools", strings.Join(d.poolOrder, ","))
+	errc := make(chan error, 1)
+	go func() { errc <- d.server.Serve(lis) }()
+	select {
+	case <-ctx.Done():
+		klog.InfoS("Shutting down: waiting for running calls")
+		d.server.GracefulStop()
+		<-errc
+		return nil
+	case err := <-errc:
+		return fmt.Errorf("serving %s: %w", d.opts.Endpoint, err)
+	}
+}
+
+// listen creates the socket readable and writable by its owner only. A
+// stale socket from an earlier run is replaced; anything else at the path
+// is left alone.
+func listen(path string) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+		}
+	}
+	old := syscall.Umask(0o177)
+	lis, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	return lis, nil
+}
+
+// pool returns the named pool, or the first pool for "".
+func (d *Driver) pool(name string) (*pool.Pool, bool) {
+	if name == "" {
+		name = d.poolOrder[0]
+	}
+	p, ok := d.pools[name]
+	return p, ok
+}
+
+// lockVolume takes the volume's lock or returns an Aborted status.
+func (d *Driver) lockVolume(id string) (func(), error) {
+	if !d.volumeLocks.TryLock(id) {
+		return nil, abortedf("an operation on volume %s is already in progress", id)
+	}
+	return func() { d.volumeLocks.Unlock(id) }, nil
+}

@@ -1,0 +1,177 @@
+package driver
+
+import (
+	"errors"
+	"path/filepath"
+	"strconv"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/loop"
+)
+
+// fakeKernel stands in for loop devices and the mount table. It keeps a
+// mount table of its own, so that the node service's verification logic
+// (which mount belongs to which device) runs unchanged.
+type fakeKernel struct {
+	mu      sync.Mutex
+	next    int
+	devs    map[string]*loop.Device // by backing file
+	mounts  []fs.MountInfo
+	formats map[string]string // device -> filesystem
+	nextID  int
+}
+
+func newFakeKernel() *fakeKernel {
+	return &fakeKernel{devs: map[string]*loop.Device{}, formats: map[string]string{}}
+}
+
+func (k *fakeKernel) kernel() Kernel { return Kernel{Loops: k, Mounter: k} }
+
+func (k *fakeKernel) Attach(file string, opts loop.Options) (*loop.Device, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if d, ok := k.devs[file]; ok {
+		c := *d
+		return &c, loop.ErrAlreadyAttached
+	}
+	n := k.next
+	k.next++
+	d := &loop.Device{Path: "/dev/loop" + strconv.Itoa(n), Number: n, BackingFile: file, Rdev: unix.Mkdev(7, uint32(n)), ReadOnly: opts.ReadOnly, DirectIO: opts.DirectIO}
+	k.devs[file] = d
+	c := *d
+	return &c, nil
+}
+
+func (k *fakeKernel) Find(file string) (*loop.Device, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if d, ok := k.devs[file]; ok {
+		c := *d
+		return &c, nil
+	}
+	return nil, loop.ErrNotFound
+}
+
+func (k *fakeKernel) List() ([]loop.Device, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var out []loop.Device
+	for _, d := range k.devs {
+		out = append(out, *d)
+	}
+	return out, nil
+}
+
+func (k *fakeKernel) Detach(devPath string) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for f, d := range k.devs {
+		if d.Path == devPath {
+			for _, m := range k.mounts {
+				if fs.IsDeviceMount(m, d.Path, d.Rdev) {
+					return loop.ErrBusy
+				}
+			}
+			delete(k.devs, f)
+		}
+	}
+	return nil
+}
+
+func (k *fakeKernel) Size(string) (int64, error) { return 64 << 20, nil }
+
+func (k *fakeKernel) attached() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.devs)
+}
+
+func (k *fakeKernel) devByPath(p string) *loop.Device {
+	for _, d := range k.devs {
+		if d.Path == p {
+			return d
+		}
+	}
+	return nil
+}
+
+func (k *fakeKernel) Probe(device string) (string, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.formats[device], nil
+}
+
+func (k *fakeKernel) FormatAndMount(device, target, fsType string, options, _ []string) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	d := k.devByPath(device)
+	if d == nil {
+		return errors.New("no such device")
+	}
+	if k.formats[device] == "" {
+		k.formats[device] = fsType
+	}
+	k.mountLocked(fs.MountInfo{Major: 7, Minor: d.Number, Root: "/", MountPoint: target, FsType: fsType, MountOptions: rwOpt(options)})
+	return nil
+}
+
+func (k *fakeKernel) BindMount(source, target string, ro bool) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	opts := []string{"rw"}
+	if ro {
+		opts = []string{"ro"}
+	}
+	if d := k.devByPath(source); d != nil {
+		k.mountLocked(fs.MountInfo{Major: 0, Minor: 5, Root: "/" + filepath.Base(source), MountPoint: target, FsType: "devtmpfs", MountOptions: opts})
+		return nil
+	}
+	for _, m := range k.mounts {
+		if m.MountPoint == source {
+			m.MountPoint, m.MountOptions = target, opts
+			k.mountLocked(m)
+			return nil
+		}
+	}
+	return errors.New("bind source is not mounted")
+}
+
+func (k *fakeKernel) mountLocked(m fs.MountInfo) {
+	k.nextID++
+	m.ID = k.nextID
+	k.mounts = append(k.mounts, m)
+}
+
+func (k *fakeKernel) Unmount(target string) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for i := len(k.mounts) - 1; i >= 0; i-- {
+		if k.mounts[i].MountPoint == target {
+			k.mounts = append(k.mounts[:i], k.mounts[i+1:]...)
+			return nil
+		}
+	}
+	return errors.New("not mounted")
+}
+
+func (k *fakeKernel) Mounts() ([]fs.MountInfo, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]fs.MountInfo(nil), k.mounts...), nil
+}
+
+func (k *fakeKernel) Stats(string) (fs.Stats, error) {
+	return fs.Stats{TotalBytes: 64 << 20, AvailableBytes: 60 << 20, UsedBytes: 4 << 20, TotalInodes: 100, FreeInodes: 90, UsedInodes: 10}, nil
+}
+
+func rwOpt(opts []string) []string {
+	for _, o := range opts {
+		if o == "ro" {
+			return []string{"ro"}
+		}
+	}
+	return []string{"rw"}
+}

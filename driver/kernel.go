@@ -1,0 +1,48 @@
+package driver
+
+import (
+	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/loop"
+)
+
+// LoopDevices is the node service's edge to loop devices. The real one is
+// pkg/loop; unit tests use a fake.
+type LoopDevices interface {
+	Attach(file string, opts loop.Options) (*loop.Device, error)
+	Find(file string) (*loop.Device, error)
+	List() ([]loop.Device, error)
+	Detach(devPath string) error
+	Size(devPath string) (int64, error)
+}
+
+// Mounter is the node service's edge to filesystems and the mount table. The
+// real one is pkg/fs; unit tests use a fake.
+type Mounter interface {
+	Probe(device string) (string, error)
+	FormatAndMount(device, target, fsType string, options, formatOptions []string) error
+	BindMount(source, target string, ro bool) error
+	Unmount(target string) error
+	Mounts() ([]fs.MountInfo, error)
+	Stats(path string) (fs.Stats, error)
+}
+
+// Kernel bundles the node's edges.
+type Kernel struct {
+	Loops   LoopDevices
+	Mounter Mounter
+}
+
+type realLoops struct{}
+
+func (realLoops) Attach(file string, opts loop.Options) (*loop.Device, error) {
+	return loop.Attach(file, opts)
+}
+func (realLoops) Find(file string) (*loop.Device, error) { return loop.Find(file) }
+func (realLoops) List() ([]loop.Device, error)           { return loop.List() }
+func (realLoops) Detach(devPath string) error            { return loop.Detach(devPath) }
+func (realLoops) Size(devPath string) (int64, error)     { return loop.Size(devPath) }
+
+// RealKernel returns the edges backed by the running kernel.
+func RealKernel() Kernel {
+	return Kernel{Loops: realLoops{}, Mounter: fs.New()}
+}

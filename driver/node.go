@@ -1,0 +1,509 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
+)
+
+// blockMarker is the file inside a block volume's staging directory onto
+// which NodeStage binds the loop device node: it marks the volume staged
+// (also across restarts of the plugin) and names its device.
+const blockMarker = "device"
+
+// NodeGetCapabilities lists the node RPCs Spool implements.
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	var caps []*csi.NodeServiceCapability
+	for _, t := range []csi.NodeServiceCapability_RPC_Type{
+		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
+		csi.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
+		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.NodeServiceCapability{
+			Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}},
+		})
+	}
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// NodeGetInfo reports the node ID, its attach limit and its topology.
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{
+		NodeId:             d.opts.NodeID,
+		MaxVolumesPerNode:  d.opts.MaxVolumesPerNode,
+		AccessibleTopology: &csi.Topology{Segments: map[string]string{d.topologyKey: d.opts.NodeID}},
+	}, nil
+}
+
+// nodeVolume is what every node call works on: the volume, its image and the
+// loop device currently backed by that image (nil when none).
+type nodeVolume struct {
+	pool  *pool.Pool
+	vol   pool.Volume
+	image string
+	dev   *loop.Device
+}
+
+// nodeLookup finds a volume served by this node and its loop device.
+func (d *Driver) nodeLookup(id string) (*nodeVolume, error) {
+	p, vid, err := d.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	v, err := p.Get(vid.Token)
+	if err != nil {
+		return nil, err
+	}
+	img, err := p.ImagePath(vid.Token)
+	if err != nil {
+		return nil, err
+	}
+	nv := &nodeVolume{pool: p, vol: v, image: img}
+	dev, err := d.kernel.Loops.Find(img)
+	switch {
+	case err == nil:
+		nv.dev = dev
+	case errors.Is(err, loop.ErrNotFound):
+	default:
+		return nil, fmt.Errorf("looking up the loop device of %s: %w", id, err)
+	}
+	return nv, nil
+}
+
+// checkPublishContext verifies that the volume is attached to this node with
+// the attachment the publish context names, and returns whether that
+// attachment is read-only.
+func (d *Driver) checkPublishContext(v pool.Volume, pc map[string]string) (bool, error) {
+	node := pc[ctxNode]
+	if node == "" {
+		return false, preconditionf("volume %s has no publish context: ControllerPublishVolume must attach it to node %s first", v.ID, d.opts.NodeID)
+	}
+	if node != d.opts.NodeID {
+		return false, preconditionf("volume %s was published to node %s, not to this node %s", v.ID, node, d.opts.NodeID)
+	}
+	a, ok := v.AttachmentFor(node)
+	if !ok {
+		return false, preconditionf("volume %s is not attached to node %s", v.ID, node)
+	}
+	if gen := pc[ctxGeneration]; gen != strconv.FormatUint(a.Generation, 10) {
+		return false, preconditionf("publish context of volume %s is stale: attachment generation %q, current %d", v.ID, gen, a.Generation)
+	}
+	return a.ReadOnly, nil
+}
+
+func readOnlyMode(c *csi.VolumeCapability) bool {
+	m := c.GetAccessMode().GetMode()
+	return m == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY || m == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
+}
+
+// NodeStageVolume attaches the image to a loop device and, for filesystem
+// volumes, formats a blank device and mounts it at the staging path. Block
+// volumes get their device node bound onto <staging>/device.
+func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	staging, err := checkPath("staging target path", req.GetStagingTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	c := req.GetVolumeCapability()
+	if err := checkCapability(c); err != nil {
+		return nil, err
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	nv, err := d.nodeLookup(id)
+	if err != nil {
+		return nil, err
+	}
+	attachedRO, err := d.checkPublishContext(nv.vol, req.GetPublishContext())
+	if err != nil {
+		return nil, err
+	}
+	ro := attachedRO || readOnlyMode(c)
+	mounts, err := d.kernel.Mounter.Mounts()
+	if err != nil {
+		return nil, err
+	}
+	block := c.GetBlock() != nil
+	fsType := fsTypeOrDefault(c.GetMount().GetFsType())
+	if c.GetMount().GetFsType() == "" && nv.vol.FSType != "" {
+		fsType = nv.vol.FSType
+	}
+	if done, err := d.alreadyStaged(nv, mounts, staging, block, fsType); done || err != nil {
+		return &csi.NodeStageVolumeResponse{}, err
+	}
+
+	if err := fs.MakeDir(staging); err != nil {
+		return nil, status.Errorf(codes.Internal, "staging path: %v", err)
+	}
+	attached := false
+	if nv.dev != nil && nv.dev.ReadOnly != ro {
+		if users := deviceUsers(mounts, nv.dev); len(users) > 0 {
+			return nil, preconditionf("volume %s is in use at %v with readonly=%t", id, users, nv.dev.ReadOnly)
+		}
+		// A leftover of an interrupted stage with other flags.
+		if err := d.kernel.Loops.Detach(nv.dev.Path); err != nil {
+			return nil, err
+		}
+		nv.dev = nil
+	}
+	if nv.dev == nil {
+		dev, err := d.kernel.Loops.Attach(nv.image, loop.Options{ReadOnly: ro, DirectIO: true})
+		if err != nil {
+			return nil, fmt.Errorf("attaching %s: %w", id, err)
+		}
+		nv.dev, attached = dev, true
+		klog.V(2).InfoS("Attached loop device", "volumeID", id, "device", dev.Path, "directIO", dev.DirectIO, "readonly", ro)
+	}
+	if block {
+		err = d.stageBlock(nv, staging)
+	} else {
+		err = d.stageMount(nv, c, staging, fsType, ro)
+	}
+	if err != nil {
+		if attached {
+			if derr := d.kernel.Loops.Detach(nv.dev.Path); derr != nil {
+				klog.ErrorS(derr, "Could not detach loop device after a failed stage", "volumeID", id, "device", nv.dev.Path)
+			}
+		}
+		return nil, err
+	}
+	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging, "block", block)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// alreadyStaged reports whether the volume is already staged at staging as
+// asked. A staging path that holds anything else is an error.
+func (d *Driver) alreadyStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string, block bool, fsType string) (bool, error) {
+	if block {
+		m, ok := fs.MountAt(mounts, filepath.Join(staging, blockMarker))
+		if !ok {
+			if _, ok := fs.MountAt(mounts, staging); ok {
+				return false, alreadyExistsf("staging path %s holds a filesystem mount; volume %s was asked for block access", staging, nv.vol.ID)
+			}
+			return false, nil
+		}
+		if nv.dev != nil && fs.IsDeviceNodeBind(m, nv.dev.Path) {
+			return true, nil
+		}
+		return false, preconditionf("staging path %s already holds another device", staging)
+	}
+	m, ok := fs.MountAt(mounts, staging)
+	if !ok {
+		if _, ok := fs.MountAt(mounts, filepath.Join(staging, blockMarker)); ok {
+			return false, alreadyExistsf("volume %s is staged for block access at %s", nv.vol.ID, staging)
+		}
+		return false, nil
+	}
+	if nv.dev == nil || !fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) {
+		return false, preconditionf("staging path %s already holds another mount (%s)", staging, m.Source)
+	}
+	if m.FsType != fsType {
+		return false, alreadyExistsf("volume %s is staged with filesystem %s, not %s", nv.vol.ID, m.FsType, fsType)
+	}
+	return true, nil
+}
+
+func (d *Driver) stageBlock(nv *nodeVolume, staging string) error {
+	marker := filepath.Join(staging, blockMarker)
+	if err := fs.MakeFile(marker); err != nil {
+		return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
+	}
+	if err := d.kernel.Mounter.BindMount(nv.dev.Path, marker, nv.dev.ReadOnly); err != nil {
+		_ = os.Remove(marker)
+		return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
+	}
+	return nil
+}
+
+func (d *Driver) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fsType string, ro bool) error {
+	found, err := d.kernel.Mounter.Probe(nv.dev.Path)
+	if err != nil {
+		return status.Errorf(codes.Internal, "%v", err)
+	}
+	if found != "" && found != fsType {
+		return preconditionf("volume %s holds a %s filesystem; refusing to mount it as %s", nv.vol.ID, found, fsType)
+	}
+	if found == "" && ro {
+		return preconditionf("volume %s is blank and attached read-only: it cannot be formatted", nv.vol.ID)
+	}
+	opts := slices.Clone(c.GetMount().GetMountFlags())
+	if ro {
+		opts = append(opts, "ro")
+	}
+	if err := d.kernel.Mounter.FormatAndMount(nv.dev.Path, staging, fsType, opts, nil); err != nil {
+		return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
+	}
+	return nil
+}
+
+// deviceUsers lists the mount points that use the loop device: filesystem
+// mounts of it and binds of its device node.
+func deviceUsers(mounts []fs.MountInfo, dev *loop.Device) []string {
+	var out []string
+	for _, m := range mounts {
+		if fs.IsDeviceMount(m, dev.Path, dev.Rdev) || fs.IsDeviceNodeBind(m, dev.Path) {
+			out = append(out, m.MountPoint)
+		}
+	}
+	return out
+}
+
+// NodeUnstageVolume undoes NodeStageVolume: it unmounts the staging path (or
+// the block marker) and detaches the loop device. It refuses while the
+// volume is still published somewhere.
+func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	staging, err := checkPath("staging target path", req.GetStagingTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	nv, err := d.nodeLookup(id)
+	if err != nil {
+		return nil, err
+	}
+	mounts, err := d.kernel.Mounter.Mounts()
+	if err != nil {
+		return nil, err
+	}
+	marker := filepath.Join(staging, blockMarker)
+	for _, target := range []string{marker, staging} {
+		m, ok := fs.MountAt(mounts, target)
+		if !ok {
+			continue
+		}
+		if nv.dev == nil || !(fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || fs.IsDeviceNodeBind(m, nv.dev.Path)) {
+			return nil, preconditionf("%s holds a mount that is not volume %s", target, id)
+		}
+		if err := d.kernel.Mounter.Unmount(target); err != nil {
+			return nil, status.Errorf(codes.Internal, "unstaging %s: %v", id, err)
+		}
+	}
+	if err := os.Remove(marker); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, status.Errorf(codes.Internal, "removing %s: %v", marker, err)
+	}
+	if nv.dev != nil {
+		if mounts, err = d.kernel.Mounter.Mounts(); err != nil {
+			return nil, err
+		}
+		if users := deviceUsers(mounts, nv.dev); len(users) > 0 {
+			return nil, preconditionf("volume %s is still published at %v: NodeUnpublishVolume it first", id, users)
+		}
+		if err := d.kernel.Loops.Detach(nv.dev.Path); err != nil {
+			return nil, status.Errorf(codes.Internal, "detaching %s from %s: %v", nv.dev.Path, id, err)
+		}
+		klog.V(2).InfoS("Unstaged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging)
+	}
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// NodePublishVolume bind-mounts the staged volume onto the target path: the
+// staging mount for filesystems, the loop device node for block volumes.
+func (d *Driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	target, err := checkPath("target path", req.GetTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	c := req.GetVolumeCapability()
+	if err := checkCapability(c); err != nil {
+		return nil, err
+	}
+	staging, err := checkPath("staging target path", req.GetStagingTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	nv, err := d.nodeLookup(id)
+	if err != nil {
+		return nil, err
+	}
+	attachedRO, err := d.checkPublishContext(nv.vol, req.GetPublishContext())
+	if err != nil {
+		return nil, err
+	}
+	ro := req.GetReadonly() || attachedRO || readOnlyMode(c)
+	mounts, err := d.kernel.Mounter.Mounts()
+	if err != nil {
+		return nil, err
+	}
+	block := c.GetBlock() != nil
+	source := staging
+	if !d.isStaged(nv, mounts, staging, block) {
+		return nil, preconditionf("volume %s is not staged at %s: NodeStageVolume it first", id, staging)
+	}
+	if block {
+		source = nv.dev.Path
+	}
+	if m, ok := fs.MountAt(mounts, target); ok {
+		if !(fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || fs.IsDeviceNodeBind(m, nv.dev.Path)) {
+			return nil, alreadyExistsf("target path %s already holds another mount", target)
+		}
+		if mountedRO := slices.Contains(m.MountOptions, "ro"); mountedRO != ro {
+			return nil, alreadyExistsf("volume %s is already published at %s with readonly=%t", id, target, mountedRO)
+		}
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	if c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
+		others := slices.DeleteFunc(deviceUsers(mounts, nv.dev), func(p string) bool {
+			return p == staging || p == filepath.Join(staging, blockMarker)
+		})
+		if len(others) > 0 {
+			return nil, preconditionf("volume %s has a single-writer access mode and is already published at %v", id, others)
+		}
+	}
+	if block {
+		err = fs.MakeFile(target)
+	} else {
+		err = fs.MakeDir(target)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "target path: %v", err)
+	}
+	if err := d.kernel.Mounter.BindMount(source, target, ro); err != nil {
+		return nil, status.Errorf(codes.Internal, "publishing %s: %v", id, err)
+	}
+	klog.V(2).InfoS("Published volume", "volumeID", id, "target", target, "readonly", ro, "block", block)
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// isStaged reports whether the volume's loop device is staged at staging.
+func (d *Driver) isStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string, block bool) bool {
+	if nv.dev == nil {
+		return false
+	}
+	if block {
+		m, ok := fs.MountAt(mounts, filepath.Join(staging, blockMarker))
+		return ok && fs.IsDeviceNodeBind(m, nv.dev.Path)
+	}
+	m, ok := fs.MountAt(mounts, staging)
+	return ok && fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev)
+}
+
+// NodeUnpublishVolume unmounts the target path and removes it.
+func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	target, err := checkPath("target path", req.GetTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	nv, err := d.nodeLookup(id)
+	if err != nil {
+		return nil, err
+	}
+	// Publishing is idempotent, so there is one mount at most; the bound
+	// guards against a target that something else keeps mounting on.
+	for range 4 {
+		mounts, err := d.kernel.Mounter.Mounts()
+		if err != nil {
+			return nil, err
+		}
+		m, ok := fs.MountAt(mounts, target)
+		if !ok {
+			break
+		}
+		if nv.dev != nil && !fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) && !fs.IsDeviceNodeBind(m, nv.dev.Path) {
+			return nil, preconditionf("target path %s holds a mount that is not volume %s", target, id)
+		}
+		if err := d.kernel.Mounter.Unmount(target); err != nil {
+			return nil, status.Errorf(codes.Internal, "unpublishing %s: %v", id, err)
+		}
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, status.Errorf(codes.Internal, "removing target path %s: %v", target, err)
+	}
+	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "target", target)
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// NodeGetVolumeStats reports usage: bytes and inodes of the filesystem, or
+// the size of a block device. Health is NodeGetVolumeHealth's job.
+func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	if req.GetVolumePath() == "" {
+		return nil, invalidf("volume path is missing")
+	}
+	path, err := checkPath("volume path", req.GetVolumePath())
+	if err != nil {
+		return nil, notFoundf("volume %s is not published at %q", id, req.GetVolumePath())
+	}
+	nv, err := d.nodeLookup(id)
+	if err != nil {
+		return nil, err
+	}
+	mounts, err := d.kernel.Mounter.Mounts()
+	if err != nil {
+		return nil, err
+	}
+	m, ok := fs.MountAt(mounts, path)
+	switch {
+	case !ok || nv.dev == nil:
+		return nil, notFoundf("volume %s is not published at %s", id, path)
+	case fs.IsDeviceNodeBind(m, nv.dev.Path):
+		n, err := d.kernel.Loops.Size(nv.dev.Path)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "%v", err)
+		}
+		return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: n}}}, nil
+	case fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev):
+		st, err := d.kernel.Mounter.Stats(path)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "%v", err)
+		}
+		usage := []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: st.TotalBytes, Available: st.AvailableBytes, Used: st.UsedBytes}}
+		// btrfs allocates inodes dynamically and reports none: say nothing
+		// rather than "0 of 0".
+		if st.TotalInodes > 0 {
+			usage = append(usage, &csi.VolumeUsage{Unit: csi.VolumeUsage_INODES, Total: st.TotalInodes, Available: st.FreeInodes, Used: st.UsedInodes})
+		}
+		return &csi.NodeGetVolumeStatsResponse{Usage: usage}, nil
+	}
+	return nil, notFoundf("volume %s is not published at %s (it holds another mount)", id, path)
+}

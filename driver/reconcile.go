@@ -1,0 +1,50 @@
+package driver
+
+import (
+	"fmt"
+
+	"k8s.io/klog/v2"
+)
+
+// detachOrphanLoops runs when the node service starts. A loop device backed
+// by an image of one of this process's pools that nothing mounts or binds is
+// a leftover of a stage that was interrupted (or of an unstage that crashed
+// between unmount and detach): the CO will stage again, so the device is
+// detached. Devices in use are left alone: pods keep their volumes across a
+// restart of the plugin.
+func (d *Driver) detachOrphanLoops() error {
+	devs, err := d.kernel.Loops.List()
+	if err != nil {
+		return fmt.Errorf("listing loop devices: %w", err)
+	}
+	mounts, err := d.kernel.Mounter.Mounts()
+	if err != nil {
+		return err
+	}
+	for _, dev := range devs {
+		if !d.ownsImage(dev.BackingFile) {
+			continue
+		}
+		if users := deviceUsers(mounts, &dev); len(users) > 0 {
+			klog.V(2).InfoS("Keeping loop device in use", "device", dev.Path, "image", dev.BackingFile, "usedAt", users)
+			continue
+		}
+		if err := d.kernel.Loops.Detach(dev.Path); err != nil {
+			klog.ErrorS(err, "Could not detach an unused loop device", "device", dev.Path, "image", dev.BackingFile)
+			continue
+		}
+		klog.InfoS("Detached loop device that nothing used (left by an interrupted stage or unstage)", "device", dev.Path, "image", dev.BackingFile)
+	}
+	return nil
+}
+
+// ownsImage reports whether file is a volume image of one of this
+// process's pools.
+func (d *Driver) ownsImage(file string) bool {
+	for _, p := range d.pools {
+		if p.IsImage(file) {
+			return true
+		}
+	}
+	return false
+}

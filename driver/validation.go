@@ -1,0 +1,202 @@
+package driver
+
+import (
+	"path/filepath"
+	"strings"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/size"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+// StorageClass parameters.
+const (
+	ParamPool         = "pool"
+	ParamProvisioning = "provisioning"
+	// Keys with this prefix are set by the sidecars (PVC name, secrets
+	// references, ...) and are not Spool's to interpret.
+	reservedParamPrefix = "csi.storage.k8s.io/"
+)
+
+const (
+	// DefaultVolumeSize is used when the CO gives no capacity range.
+	DefaultVolumeSize = 1 * size.GiB
+	// sizeGranularity: every volume is a whole number of MiB.
+	sizeGranularity = size.MiB
+	maxNameLen      = 256
+	maxPathLen      = 4096
+)
+
+// params are the parsed StorageClass parameters.
+type params struct {
+	pool         string
+	provisioning pool.Provisioning
+}
+
+// parseParams validates StorageClass parameters. Unknown keys are refused so
+// that a typo in a StorageClass fails loudly instead of being ignored.
+func parseParams(in map[string]string) (params, error) {
+	p := params{provisioning: pool.Thin}
+	for k, v := range in {
+		switch {
+		case k == ParamPool:
+			if err := volid.ValidatePoolName(v); err != nil {
+				return params{}, invalidf("parameter %s: %v", ParamPool, err)
+			}
+			p.pool = v
+		case k == ParamProvisioning:
+			switch pool.Provisioning(v) {
+			case pool.Thin, pool.Thick:
+				p.provisioning = pool.Provisioning(v)
+			default:
+				return params{}, invalidf("parameter %s=%q: want thin or thick", ParamProvisioning, v)
+			}
+		case strings.HasPrefix(k, reservedParamPrefix):
+		default:
+			return params{}, invalidf("unknown parameter %q (known: %s, %s)", k, ParamPool, ParamProvisioning)
+		}
+	}
+	return p, nil
+}
+
+// volumeCaps is what a list of volume capabilities asks for.
+type volumeCaps struct {
+	accessType pool.AccessType
+	fsType     string // "" when not named
+	mountFlags []string
+}
+
+var supportedModes = map[csi.VolumeCapability_AccessMode_Mode]bool{
+	csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER:        true,
+	csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY:   true,
+	csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER: true,
+	csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:  true,
+}
+
+// checkCapability validates one capability.
+func checkCapability(c *csi.VolumeCapability) error {
+	if c == nil {
+		return invalidf("volume capability is missing")
+	}
+	mode := c.GetAccessMode().GetMode()
+	if !supportedModes[mode] {
+		return invalidf("access mode %s is not supported: volumes in local pools are used by one node at a time", mode)
+	}
+	switch t := c.GetAccessType().(type) {
+	case *csi.VolumeCapability_Block:
+	case *csi.VolumeCapability_Mount:
+		fsType := t.Mount.GetFsType()
+		if fsType != "" && !fs.Supported(fsType) {
+			return invalidf("fsType %q is not supported (supported: %s)", fsType, strings.Join(fs.SupportedTypes(), ", "))
+		}
+		if err := fs.ValidateMountOptions(t.Mount.GetMountFlags()); err != nil {
+			return invalidf("%v", err)
+		}
+	default:
+		return invalidf("volume capability has neither block nor mount access type")
+	}
+	return nil
+}
+
+// parseCapabilities validates the capabilities of CreateVolume: all must be
+// supported and agree on block or mount and on the filesystem.
+func parseCapabilities(caps []*csi.VolumeCapability) (volumeCaps, error) {
+	if len(caps) == 0 {
+		return volumeCaps{}, invalidf("volume capabilities are missing")
+	}
+	var vc volumeCaps
+	for i, c := range caps {
+		if err := checkCapability(c); err != nil {
+			return volumeCaps{}, err
+		}
+		t, fsType := accessTypeOf(c)
+		if i > 0 && t != vc.accessType {
+			return volumeCaps{}, invalidf("volume capabilities mix block and mount access")
+		}
+		if i > 0 && fsType != "" && vc.fsType != "" && fsType != vc.fsType {
+			return volumeCaps{}, invalidf("volume capabilities ask for two filesystems, %s and %s", vc.fsType, fsType)
+		}
+		vc.accessType = t
+		if fsType != "" {
+			vc.fsType = fsType
+		}
+		vc.mountFlags = append(vc.mountFlags, c.GetMount().GetMountFlags()...)
+	}
+	return vc, nil
+}
+
+func accessTypeOf(c *csi.VolumeCapability) (pool.AccessType, string) {
+	if c.GetBlock() != nil {
+		return pool.Block, ""
+	}
+	return pool.Mount, c.GetMount().GetFsType()
+}
+
+// volumeSize picks the size of a new volume from the capacity range: the
+// required bytes (or the default) rounded up to whole MiB and to the
+// filesystem's minimum, within the limit.
+func volumeSize(r *csi.CapacityRange, fsType string) (int64, error) {
+	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+	if req < 0 || lim < 0 {
+		return 0, invalidf("capacity range must not be negative (required %d, limit %d)", req, lim)
+	}
+	if lim > 0 && req > lim {
+		return 0, status.Errorf(codes.OutOfRange, "required bytes %d exceed limit bytes %d", req, lim)
+	}
+	n := req
+	if n == 0 {
+		n = DefaultVolumeSize
+		if lim > 0 && lim < n {
+			n = lim
+		}
+	}
+	n = max(n, fs.MinSize(fsType))
+	n, err := size.RoundUp(n, sizeGranularity)
+	if err != nil {
+		return 0, status.Errorf(codes.OutOfRange, "capacity %d bytes is too large", req)
+	}
+	if lim > 0 && n > lim {
+		return 0, status.Errorf(codes.OutOfRange, "the smallest volume Spool can make for this request is %s (whole MiB, %s needs at least %s), above the limit of %d bytes",
+			size.Format(n), fsTypeOrDefault(fsType), size.Format(max(fs.MinSize(fsType), sizeGranularity)), lim)
+	}
+	return n, nil
+}
+
+func fsTypeOrDefault(fsType string) string {
+	if fsType == "" {
+		return fs.DefaultFSType
+	}
+	return fsType
+}
+
+// sizeFits reports whether an existing volume of n bytes satisfies r.
+func sizeFits(n int64, r *csi.CapacityRange) bool {
+	return n >= r.GetRequiredBytes() && (r.GetLimitBytes() == 0 || n <= r.GetLimitBytes())
+}
+
+// checkPath validates a CO-given staging or target path.
+func checkPath(field, p string) (string, error) {
+	if p == "" {
+		return "", invalidf("%s is missing", field)
+	}
+	if len(p) > maxPathLen || strings.ContainsRune(p, 0) || !filepath.IsAbs(p) {
+		return "", invalidf("%s %q must be an absolute path", field, p)
+	}
+	return filepath.Clean(p), nil
+}
+
+// checkName validates a CreateVolume name.
+func checkName(name string) error {
+	if name == "" {
+		return invalidf("name is missing")
+	}
+	if len(name) > maxNameLen || strings.ContainsRune(name, 0) {
+		return invalidf("name must be 1-%d bytes without NUL", maxNameLen)
+	}
+	return nil
+}
