@@ -1,0 +1,61 @@
+// Package sanity runs csi-sanity against the real driver, in-process, with
+// real loop devices, filesystems and mounts.
+package sanity
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
+
+	"github.com/spool-csi/spool/driver"
+	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/test/leakcheck"
+)
+
+func TestSanity(t *testing.T) {
+	leakcheck.RequireRoot(t)
+	dir := t.TempDir()
+	leakcheck.Check(t, dir)
+
+	sock := filepath.Join(dir, "csi.sock")
+	d, err := driver.New(driver.Options{
+		Endpoint:          "unix://" + sock,
+		NodeID:            "sanity-node",
+		Pools:             []pool.Spec{{Name: "default", Dir: filepath.Join(dir, "pool")}},
+		MaxVolumesPerNode: 16,
+		Version:           "test",
+	}, driver.RealKernel())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis, err := d.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Serve(ctx, lis) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("driver: %v", err)
+		}
+		d.Close()
+	})
+
+	cfg := sanity.NewTestConfig()
+	cfg.Address = "unix://" + sock
+	cfg.TargetPath = filepath.Join(dir, "target")
+	cfg.StagingPath = filepath.Join(dir, "staging")
+	// Small volumes keep mkfs fast; thin images cost no space anyway.
+	cfg.TestVolumeSize = 64 << 20
+	cfg.IdempotentCount = 3
+	cfg.TestNodeVolumeAttachLimit = true
+	if err := os.MkdirAll(filepath.Join(dir, "pool"), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	sanity.Test(t, cfg)
+}
