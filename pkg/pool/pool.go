@@ -290,3 +290,11 @@ func (p *Pool) List() []Volume {
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
+
+// IsImage reports whether path is the image file of a volume of this pool
+// (whether or not the volume still exists).
+func (p *Pool) IsImage(path string) bool {
+	dir, file := filepath.Split(filepath.Clean(path))
+	return file == imageFile && volid.IsToken(filepath.Base(dir)) &&
+		filepath.Dir(filepath.Clean(dir)) == filepath.Join(p.root, volumesDir)
+}

@@ -202,3 +202,21 @@ func TestParseSpec(t *testing.T) {
 		}
 	}
 }
+
+func TestIsImage(t *testing.T) {
+	dir := t.TempDir()
+	p := openPool(t, dir, 0)
+	tok := "0123456789abcdef01234567"
+	for path, want := range map[string]bool{
+		filepath.Join(dir, "volumes", tok, "disk.img"):            true,
+		filepath.Join(dir, "volumes", tok, "volume.json"):         false,
+		filepath.Join(dir, ".tmp", tok, "disk.img"):               false,
+		filepath.Join(dir, "volumes", "x", "disk.img"):            false,
+		filepath.Join(dir, "volumes", tok, "..", tok, "disk.img"): true,
+		"/elsewhere/volumes/" + tok + "/disk.img":                 false,
+	} {
+		if got := p.IsImage(path); got != want {
+			t.Errorf("IsImage(%q) = %t, want %t", path, got, want)
+		}
+	}
+}

@@ -1,0 +1,60 @@
+# Spool: see README.md for what each target does.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0.0-dev)
+LDFLAGS := -X github.com/spool-csi/spool/pkg/version.Version=$(VERSION)
+CACHE ?= $(CURDIR)/.cache
+CSI_TEST_VERSION := v5.6.0
+CSI_SANITY := $(CACHE)/tools/csi-sanity-$(CSI_TEST_VERSION)
+STATICCHECK_VERSION := v0.8.2
+IMAGE ?= spool:$(VERSION)
+FUZZTIME ?= 10s
+
+.PHONY: all build test test-unit sanity run demo lint fmt vet staticcheck fuzz image clean
+
+all: build
+
+build: ## bin/spool
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/spool ./cmd/spool
+
+test: ## unit tests, in-process csi-sanity and the data lifecycle tests (root for the last two)
+	$(GO) test -count=1 ./...
+
+test-unit: ## only the tests that need no root
+	$(GO) test -count=1 ./pkg/... ./driver/...
+
+$(CSI_SANITY):
+	@mkdir -p $(dir $@)
+	GOBIN=$(CACHE)/tools/gobin-$(CSI_TEST_VERSION) $(GO) install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_TEST_VERSION)
+	mv $(CACHE)/tools/gobin-$(CSI_TEST_VERSION)/csi-sanity $@
+
+sanity: build $(CSI_SANITY) ## the csi-sanity binary against bin/spool
+	CSI_SANITY=$(CSI_SANITY) hack/sanity.sh
+
+run: build ## start the driver on a temp pool, walk one volume through its life, keep serving
+	hack/run.sh
+
+demo: build ## the walk of `make run`, then stop
+	hack/run.sh --once
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+vet:
+	$(GO) vet ./...
+
+staticcheck:
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+lint: vet staticcheck ## gofmt, vet, staticcheck
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+
+fuzz: ## each fuzzer for a short bounded time
+	$(GO) test ./pkg/volid -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/size -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+
+image: ## container image (needs a container engine)
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+clean:
+	rm -rf bin
