@@ -21,7 +21,6 @@ type fakeKernel struct {
 	devs    map[string]*loop.Device // by backing file
 	mounts  []fs.MountInfo
 	formats map[string]string // device -> filesystem
-	nextID  int
 }
 
 func newFakeKernel() *fakeKernel {
@@ -114,7 +113,7 @@ func (k *fakeKernel) FormatAndMount(device, target, fsType string, options, _ []
 	if k.formats[device] == "" {
 		k.formats[device] = fsType
 	}
-	k.mountLocked(fs.MountInfo{Major: 7, Minor: d.Number, Root: "/", MountPoint: target, FsType: fsType, MountOptions: rwOpt(options)})
+	k.mounts = append(k.mounts, fs.MountInfo{Major: 7, Minor: d.Number, Root: "/", MountPoint: target, FsType: fsType, MountOptions: rwOpt(options)})
 	return nil
 }
 
@@ -126,23 +125,17 @@ func (k *fakeKernel) BindMount(source, target string, ro bool) error {
 		opts = []string{"ro"}
 	}
 	if d := k.devByPath(source); d != nil {
-		k.mountLocked(fs.MountInfo{Major: 0, Minor: 5, Root: "/" + filepath.Base(source), MountPoint: target, FsType: "devtmpfs", MountOptions: opts})
+		k.mounts = append(k.mounts, fs.MountInfo{Major: 0, Minor: 5, Root: "/" + filepath.Base(source), MountPoint: target, FsType: "devtmpfs", MountOptions: opts})
 		return nil
 	}
 	for _, m := range k.mounts {
 		if m.MountPoint == source {
 			m.MountPoint, m.MountOptions = target, opts
-			k.mountLocked(m)
+			k.mounts = append(k.mounts, m)
 			return nil
 		}
 	}
 	return errors.New("bind source is not mounted")
-}
-
-func (k *fakeKernel) mountLocked(m fs.MountInfo) {
-	k.nextID++
-	m.ID = k.nextID
-	k.mounts = append(k.mounts, m)
 }
 
 func (k *fakeKernel) Unmount(target string) error {

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 	mountutils "k8s.io/mount-utils"
@@ -75,8 +76,18 @@ func ValidateMountOptions(opts []string) error {
 	return nil
 }
 
-// MountInfo is one entry of the mount table.
-type MountInfo = mountutils.MountInfo
+// MountInfo is one entry of the mount table, with the kernel's octal
+// escapes (\040 for a space, ...) undone.
+type MountInfo struct {
+	Major, Minor int
+	// Root is the path inside the mounted filesystem that the mount shows
+	// ("/loop3" for a bind of the device node /dev/loop3 from devtmpfs).
+	Root         string
+	MountPoint   string
+	FsType       string
+	Source       string
+	MountOptions []string
+}
 
 // Stats are a filesystem's usage.
 type Stats struct {
@@ -136,12 +147,22 @@ func (m *Mounter) Unmount(target string) error {
 }
 
 // Mounts returns the current mount table.
-func (m *Mounter) Mounts() ([]MountInfo, error) {
-	mi, err := mountutils.ParseMountInfo("/proc/self/mountinfo")
+func (m *Mounter) Mounts() ([]MountInfo, error) { return Mounts() }
+
+// Mounts returns the current mount table of this process's namespace.
+func Mounts() ([]MountInfo, error) {
+	infos, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		return nil, fmt.Errorf("reading mount table: %w", err)
 	}
-	return mi, nil
+	out := make([]MountInfo, 0, len(infos))
+	for _, i := range infos {
+		out = append(out, MountInfo{
+			Major: i.Major, Minor: i.Minor, Root: i.Root, MountPoint: i.Mountpoint,
+			FsType: i.FSType, Source: i.Source, MountOptions: strings.Split(i.Options, ","),
+		})
+	}
+	return out, nil
 }
 
 // Stats returns the usage of the filesystem mounted at path.

@@ -535,13 +535,3 @@ func TestSetFileName(t *testing.T) {
 		t.Errorf("setFileName: %q (%d bytes)", got, len(got))
 	}
 }
-
-func TestUnescapeMountinfo(t *testing.T) {
-	for in, want := range map[string]string{
-		`/a\040b`: "/a b", `/x\134y`: `/x\y`, `/plain`: "/plain", `/trail\04`: `/trail\04`,
-	} {
-		if got := unescapeMountinfo(in); got != want {
-			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
-		}
-	}
-}

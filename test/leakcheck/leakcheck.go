@@ -6,8 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	mountutils "k8s.io/mount-utils"
-
+	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
 )
 
@@ -23,7 +22,7 @@ func Leaks(dir string) (loops, mounts []string, err error) {
 			loops = append(loops, d.Path+" -> "+d.BackingFile)
 		}
 	}
-	mi, err := mountutils.ParseMountInfo("/proc/self/mountinfo")
+	mi, err := fs.Mounts()
 	if err != nil {
 		return nil, nil, err
 	}

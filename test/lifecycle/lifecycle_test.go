@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -358,5 +360,63 @@ func TestRestartDetachesOrphanLoopDevices(t *testing.T) {
 	}
 	if err := writeAt(staged.Target, []byte("still here"), 0); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A read-only attachment attaches the loop device read-only and mounts the
+// filesystem read-only; a read-only NodePublish of a writable stage gives a
+// read-only view.
+func TestReadOnly(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	v, err := e.c.Create(c, "ro", 16<<20, csiclient.MountCap("ext4"), nil, node, e.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cleanupVolume(v)
+	if err := e.c.StageAndPublish(c, v); err != nil {
+		t.Fatal(err)
+	}
+	data := randomBytes(t, 4096)
+	if err := writeFile(filepath.Join(v.Target, "data"), data); err != nil {
+		t.Fatal(err)
+	}
+	roTarget := filepath.Join(e.dir, "ro-view")
+	if _, err := e.c.NodePublishVolume(c, &csi.NodePublishVolumeRequest{
+		VolumeId: v.ID, StagingTargetPath: v.Staging, TargetPath: roTarget, VolumeCapability: v.Cap, PublishContext: v.PublishContext, Readonly: true,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeFile(filepath.Join(roTarget, "x"), data); !errors.Is(err, unix.EROFS) {
+		t.Fatalf("writing through a read-only publish: %v, want EROFS", err)
+	}
+	if _, err := e.c.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: v.ID, TargetPath: roTarget}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.c.UnpublishAndUnstage(c, v); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.ControllerUnpublishVolume(c, &csi.ControllerUnpublishVolumeRequest{VolumeId: v.ID, NodeId: node}); err != nil {
+		t.Fatal(err)
+	}
+
+	pub, err := e.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: v.ID, NodeId: node, VolumeCapability: v.Cap, Readonly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.PublishContext = pub.GetPublishContext()
+	if err := e.c.StageAndPublish(c, v); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := loop.Find(filepath.Join(e.dir, "pool", "volumes", v.ID[len(v.ID)-24:], "disk.img"))
+	if err != nil || !dev.ReadOnly {
+		t.Fatalf("loop device of a read-only attachment: %+v, %v", dev, err)
+	}
+	got, err := os.ReadFile(filepath.Join(v.Target, "data"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("reading a read-only volume: %v", err)
+	}
+	if err := writeFile(filepath.Join(v.Target, "x"), data); !errors.Is(err, unix.EROFS) {
+		t.Fatalf("writing to a read-only attachment: %v, want EROFS", err)
 	}
 }

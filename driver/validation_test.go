@@ -1,0 +1,70 @@
+package driver
+
+import (
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/spool-csi/spool/pkg/pool"
+)
+
+func TestVolumeSize(t *testing.T) {
+	const mi = 1 << 20
+	for _, c := range []struct {
+		req, lim int64
+		fsType   string
+		want     int64
+		code     codes.Code
+	}{
+		{0, 0, "", DefaultVolumeSize, codes.OK},
+		{0, 10 * mi, "", 10 * mi, codes.OK},
+		{1, 0, "", mi, codes.OK},
+		{mi + 1, 0, "ext4", 2 * mi, codes.OK},
+		{10 * mi, 0, "xfs", 300 * mi, codes.OK},
+		{10 * mi, 0, "btrfs", 128 * mi, codes.OK},
+		{10 * mi, 100 * mi, "xfs", 0, codes.OutOfRange},
+		{mi + 1, mi + 1, "", 0, codes.OutOfRange},
+		{2 * mi, mi, "", 0, codes.OutOfRange},
+		{-1, 0, "", 0, codes.InvalidArgument},
+		{0, -1, "", 0, codes.InvalidArgument},
+		{1<<63 - 1, 0, "", 0, codes.OutOfRange},
+	} {
+		got, err := volumeSize(&csi.CapacityRange{RequiredBytes: c.req, LimitBytes: c.lim}, c.fsType)
+		if status.Code(err) != c.code || got != c.want {
+			t.Errorf("volumeSize(%d, %d, %q) = %d, %v; want %d, %s", c.req, c.lim, c.fsType, got, err, c.want, c.code)
+		}
+	}
+}
+
+func TestParseParams(t *testing.T) {
+	p, err := parseParams(map[string]string{"pool": "fast", "provisioning": "thick", "csi.storage.k8s.io/pvc/name": "data"})
+	if err != nil || p.pool != "fast" || p.provisioning != pool.Thick {
+		t.Fatalf("parseParams: %+v %v", p, err)
+	}
+	p, err = parseParams(nil)
+	if err != nil || p.pool != "" || p.provisioning != pool.Thin {
+		t.Fatalf("defaults: %+v %v", p, err)
+	}
+	for _, bad := range []map[string]string{
+		{"pool": ""}, {"pool": "../x"}, {"pool": "Fast"}, {"provisioning": "THIN"}, {"fsType": "ext4"}, {"": "x"},
+	} {
+		if _, err := parseParams(bad); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("parseParams(%v) = %v, want InvalidArgument", bad, err)
+		}
+	}
+}
+
+func TestSocketPath(t *testing.T) {
+	for in, want := range map[string]string{"unix:///run/csi.sock": "/run/csi.sock", "unix:/run/x/../csi.sock": "/run/csi.sock"} {
+		if got, err := socketPath(in); err != nil || got != want {
+			t.Errorf("socketPath(%q) = %q, %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"", "/run/csi.sock", "tcp://127.0.0.1:10000", "unix://host/csi.sock", "unix:relative.sock"} {
+		if _, err := socketPath(bad); err == nil {
+			t.Errorf("socketPath(%q) succeeded", bad)
+		}
+	}
+}
