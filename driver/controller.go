@@ -35,6 +35,15 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_LIST_VOLUMES_PUBLISHED_NODES,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_GET_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
+		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_VOLUME,
+		csi.ControllerServiceCapability_RPC_MODIFY_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{
 			Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}},
@@ -43,9 +52,10 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
 }
 
-// CreateVolume creates a volume image in a pool, or returns the existing
-// volume of the same name when the request is compatible with it.
-func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+// CreateVolume creates a volume image in a pool, blank or as a copy of a
+// snapshot or a volume, or returns the existing volume of the same name when
+// the request is compatible with it.
+func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
 	if err := checkName(req.GetName()); err != nil {
 		return nil, err
 	}
@@ -57,12 +67,22 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	if err != nil {
 		return nil, err
 	}
+	if err := applyMutableParams(&prm, req.GetMutableParameters()); err != nil {
+		return nil, err
+	}
+	src, err := d.contentSource(req.GetVolumeContentSource())
+	if err != nil {
+		return nil, err
+	}
+	if src != nil && prm.pool == "" {
+		prm.pool = src.pool.Name() // copies stay in their origin's pool
+	}
 	p, ok := d.pool(prm.pool)
 	if !ok {
 		return nil, invalidf("pool %q is not served here (pools: %v)", prm.pool, d.poolOrder)
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, invalidf("creating a volume from a snapshot or another volume is not supported yet")
+	if src != nil && src.pool != p {
+		return nil, invalidf("%s %s is in pool %s: a copy is made in the pool of its origin, not in %s", src.kind, src.id, src.pool.Name(), p.Name())
 	}
 	if err := d.checkTopology(p, req.GetAccessibilityRequirements()); err != nil {
 		return nil, err
@@ -71,15 +91,49 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	if err != nil {
 		return nil, err
 	}
-	v, created, err := p.CreateVolume(pool.CreateRequest{
+	if src != nil && src.size > n {
+		if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && lim < src.size {
+			return nil, status.Errorf(codes.OutOfRange, "%s %s holds %d bytes, more than the limit of %d", src.kind, src.id, src.size, lim)
+		}
+		n = src.size
+	}
+	for _, other := range d.pools {
+		if v, ok := other.GetByName(req.GetName()); ok && other != p {
+			return nil, alreadyExistsf("volume %q exists in pool %s", v.Name, other.Name())
+		}
+	}
+	creq := pool.CreateRequest{
 		Name: req.GetName(), CapacityBytes: n, Provisioning: prm.provisioning,
 		AccessType: vc.accessType, FSType: vc.fsType, Parameters: req.GetParameters(),
-	})
+	}
+	_, exists := p.GetByName(req.GetName())
+	if src != nil {
+		creq.SourceKind, creq.SourceToken = src.kind, src.token
+	}
+	if src != nil && !exists {
+		// The origin must not go away or change while it is copied.
+		unlock, err := d.lockVolume(src.id)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+	}
+	thaw := func() error { return nil }
+	if src != nil && !exists && src.kind == pool.SourceVolume {
+		// A clone of a volume in use copies a frozen, consistent filesystem.
+		if thaw, err = d.freezeStaged(p, []string{src.token}); err != nil {
+			return nil, err
+		}
+	}
+	v, created, err := p.CreateVolume(ctx, creq)
+	if terr := thaw(); terr != nil {
+		klog.ErrorS(terr, "Could not thaw a filesystem after cloning it", "volumeID", src.id)
+	}
 	if err != nil {
 		return nil, err
 	}
 	if !created {
-		if err := compatible(v, req, prm, vc); err != nil {
+		if err := compatible(v, req, prm, vc, src); err != nil {
 			return nil, err
 		}
 		klog.V(4).InfoS("Volume already exists", "name", v.Name, "volumeID", v.ID)
@@ -87,10 +141,53 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	return &csi.CreateVolumeResponse{Volume: d.csiVolume(p, v)}, nil
 }
 
+// contentSrc is the snapshot or volume a new volume is copied from.
+type contentSrc struct {
+	kind  string // pool.SourceSnapshot or pool.SourceVolume
+	id    string
+	token string
+	size  int64
+	pool  *pool.Pool
+}
+
+// contentSource resolves a CreateVolume content source. A source that does
+// not exist is NotFound.
+func (d *Driver) contentSource(cs *csi.VolumeContentSource) (*contentSrc, error) {
+	switch {
+	case cs == nil:
+		return nil, nil
+	case cs.GetSnapshot() != nil:
+		id := cs.GetSnapshot().GetSnapshotId()
+		p, sid, err := d.lookupKind(id, volid.KindSnapshot)
+		if err != nil {
+			return nil, err
+		}
+		s, err := p.GetSnapshot(sid.Token)
+		if err != nil {
+			return nil, err
+		}
+		return &contentSrc{kind: pool.SourceSnapshot, id: id, token: sid.Token, size: s.SizeBytes, pool: p}, nil
+	case cs.GetVolume() != nil:
+		id := cs.GetVolume().GetVolumeId()
+		p, vid, err := d.lookup(id)
+		if err != nil {
+			return nil, err
+		}
+		v, err := p.Get(vid.Token)
+		if err != nil {
+			return nil, err
+		}
+		return &contentSrc{kind: pool.SourceVolume, id: id, token: vid.Token, size: v.CapacityBytes, pool: p}, nil
+	}
+	return nil, invalidf("volume content source names neither a snapshot nor a volume")
+}
+
 // compatible checks that an existing volume satisfies a repeated
 // CreateVolume with the same name.
-func compatible(v pool.Volume, req *csi.CreateVolumeRequest, prm params, vc volumeCaps) error {
+func compatible(v pool.Volume, req *csi.CreateVolumeRequest, prm params, vc volumeCaps, src *contentSrc) error {
 	switch {
+	case (src == nil) != (v.Source == nil) || (src != nil && src.id != v.Source.ID):
+		return alreadyExistsf("volume %q exists with another content source", v.Name)
 	case !sizeFits(v.CapacityBytes, req.GetCapacityRange()):
 		return alreadyExistsf("volume %q exists with %d bytes, outside the requested range", v.Name, v.CapacityBytes)
 	case v.Provisioning != prm.provisioning:
@@ -124,27 +221,44 @@ func (d *Driver) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
 
 func (d *Driver) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
 	ctx := map[string]string{ParamPool: p.Name(), ParamProvisioning: string(v.Provisioning)}
-	return &csi.Volume{
+	cv := &csi.Volume{
 		VolumeId:           v.ID,
 		CapacityBytes:      v.CapacityBytes,
 		VolumeContext:      ctx,
 		AccessibleTopology: []*csi.Topology{{Segments: map[string]string{d.topologyKey: p.Node()}}},
 	}
+	if src := v.Source; src != nil {
+		if src.Kind == pool.SourceSnapshot {
+			cv.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: src.ID}}}
+		} else {
+			cv.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src.ID}}}
+		}
+	}
+	return cv
 }
 
 // lookup parses a volume ID and finds its pool. Malformed IDs and IDs of
 // pools or nodes not served here are NotFound: no such volume exists here.
-func (d *Driver) lookup(id string) (*pool.Pool, volid.Volume, error) {
-	vid, err := volid.Parse(id)
+func (d *Driver) lookup(id string) (*pool.Pool, volid.ID, error) {
+	return d.lookupKind(id, volid.KindVolume)
+}
+
+// lookupKind is lookup for an ID of any kind.
+func (d *Driver) lookupKind(id string, kind volid.Kind) (*pool.Pool, volid.ID, error) {
+	what := "volume"
+	if kind != volid.KindVolume {
+		what = string(kind)
+	}
+	vid, err := volid.ParseKind(id, kind)
 	if err != nil {
-		return nil, volid.Volume{}, notFoundf("volume %q does not exist: %v", id, err)
+		return nil, volid.ID{}, notFoundf("%s %q does not exist: %v", what, id, err)
 	}
 	p, ok := d.pools[vid.Pool]
 	if !ok {
-		return nil, vid, notFoundf("volume %s does not exist: pool %s is not served here", id, vid.Pool)
+		return nil, vid, notFoundf("%s %s does not exist: pool %s is not served here", what, id, vid.Pool)
 	}
 	if p.Node() != vid.Node {
-		return nil, vid, notFoundf("volume %s does not exist here: it lives on node %s", id, vid.Node)
+		return nil, vid, notFoundf("%s %s does not exist here: it lives on node %s", what, id, vid.Node)
 	}
 	return p, vid, nil
 }
@@ -156,7 +270,7 @@ func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	vid, err := volid.Parse(id)
+	vid, err := volid.ParseKind(id, volid.KindVolume)
 	if err != nil {
 		klog.V(2).InfoS("Deleting a malformed volume ID: nothing to do", "volumeID", id, "err", err)
 		return &csi.DeleteVolumeResponse{}, nil
@@ -371,7 +485,7 @@ func (d *Driver) ListVolumes(_ context.Context, req *csi.ListVolumesRequest) (*c
 	}
 	start := req.GetStartingToken()
 	if start != "" {
-		if _, err := volid.Parse(start); err != nil {
+		if _, err := volid.ParseKind(start, volid.KindVolume); err != nil {
 			return nil, abortedf("starting token %q is not valid: %v", start, err)
 		}
 	}
@@ -444,4 +558,55 @@ func (d *Driver) GetCapacity(_ context.Context, req *csi.GetCapacityRequest) (*c
 		MaximumVolumeSize: wrapperspb.Int64(avail),
 		MinimumVolumeSize: wrapperspb.Int64(minSize),
 	}, nil
+}
+
+// ControllerGetVolume returns a volume and the nodes it is attached to.
+func (d *Driver) ControllerGetVolume(_ context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	p, vid, err := d.lookup(req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	v, err := p.Get(vid.Token)
+	if err != nil {
+		return nil, err
+	}
+	st := &csi.ControllerGetVolumeResponse_VolumeStatus{}
+	for _, a := range v.Attachments {
+		st.PublishedNodeIds = append(st.PublishedNodeIds, a.Node)
+	}
+	return &csi.ControllerGetVolumeResponse{Volume: d.csiVolume(p, v), Status: st}, nil
+}
+
+// ControllerModifyVolume changes a volume's mutable parameters: only
+// provisioning (thin or thick).
+func (d *Driver) ControllerModifyVolume(_ context.Context, req *csi.ControllerModifyVolumeRequest) (*csi.ControllerModifyVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	prm := params{}
+	if err := applyMutableParams(&prm, req.GetMutableParameters()); err != nil {
+		return nil, err
+	}
+	p, vid, err := d.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if prm.provisioning == "" {
+		_, err := p.Get(vid.Token)
+		return &csi.ControllerModifyVolumeResponse{}, err
+	}
+	if _, err := p.SetProvisioning(vid.Token, prm.provisioning); err != nil {
+		return nil, err
+	}
+	klog.V(2).InfoS("Modified volume", "volumeID", id, "provisioning", prm.provisioning)
+	return &csi.ControllerModifyVolumeResponse{}, nil
 }

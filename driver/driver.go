@@ -113,6 +113,7 @@ type Driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedGroupControllerServer
 
 	opts        Options
 	kernel      Kernel
@@ -188,6 +189,7 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 	csi.RegisterIdentityServer(d.server, d)
 	if d.opts.serves(ModeController) {
 		csi.RegisterControllerServer(d.server, d)
+		csi.RegisterGroupControllerServer(d.server, d)
 	}
 	if d.opts.serves(ModeNode) {
 		csi.RegisterNodeServer(d.server, d)

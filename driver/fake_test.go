@@ -80,7 +80,17 @@ func (k *fakeKernel) Detach(devPath string) error {
 	return nil
 }
 
-func (k *fakeKernel) Size(string) (int64, error) { return 64 << 20, nil }
+func (k *fakeKernel) Size(string) (int64, error)        { return 64 << 20, nil }
+func (k *fakeKernel) SetCapacity(string) (int64, error) { return 64 << 20, nil }
+
+func (k *fakeKernel) NeedResize(string, string) (bool, error)    { return false, nil }
+func (k *fakeKernel) Resize(string, string) error                { return nil }
+func (k *fakeKernel) GrowUnmounted(string, string) (bool, error) { return false, nil }
+func (k *fakeKernel) NewUUID(string, string) error               { return nil }
+
+func (k *fakeKernel) Freeze(string) (func() error, error) {
+	return func() error { return nil }, nil
+}
 
 func (k *fakeKernel) attached() int {
 	k.mu.Lock()

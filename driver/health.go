@@ -9,6 +9,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/pool"
 )
 
 // Health reasons (CamelCase, for machines).
@@ -19,6 +20,8 @@ const (
 	reasonFilesystemReadOnly = "FilesystemReadOnly"
 	reasonPoolUnreachable    = "PoolUnreachable"
 	reasonPoolNearlyFull     = "PoolNearlyFull"
+	reasonImageTruncated     = "ImageTruncated"
+	reasonPoolOvercommitted  = "PoolOvercommitted"
 )
 
 // poolNearlyFull is the share of a pool's capacity that, once provisioned,
@@ -106,6 +109,83 @@ func (d *Driver) NodeGetStorageHealth(context.Context, *csi.NodeGetStorageHealth
 				Message: fmt.Sprintf("pool %s has %d of %d bytes provisioned", name, c.Provisioned, c.Total),
 			})
 		}
+	}
+	return resp, nil
+}
+
+// controllerHealth is what the controller can tell about a volume from its
+// pool: whether its image is there and whole, and whether the pool can still
+// hold every byte it promised.
+func (d *Driver) controllerHealth(p *pool.Pool, v pool.Volume, c pool.Capacity) []*csi.VolumeHealth_VolumeHealthEntry {
+	var out []*csi.VolumeHealth_VolumeHealthEntry
+	add := func(st csi.VolumeHealthErrorType, reason, msg string) {
+		out = append(out, &csi.VolumeHealth_VolumeHealthEntry{Status: st, Reason: reason, Message: msg})
+	}
+	img, err := p.ImagePath(v.Token())
+	if err != nil {
+		return nil
+	}
+	fi, err := os.Stat(img)
+	switch {
+	case err != nil:
+		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonImageMissing, fmt.Sprintf("image file is not reachable: %v", err))
+		return out
+	case fi.Size() < v.CapacityBytes:
+		add(csi.VolumeHealthErrorType_DEGRADED, reasonImageTruncated, fmt.Sprintf("image holds %d bytes, the volume %d", fi.Size(), v.CapacityBytes))
+	}
+	if v.Provisioning == pool.Thin && c.Unbacked > 0 {
+		add(csi.VolumeHealthErrorType_DEGRADED, reasonPoolOvercommitted,
+			fmt.Sprintf("pool %s lacks %d bytes to back every provisioned byte: writes to thin volumes may fail with ENOSPC", p.Name(), c.Unbacked))
+	}
+	return out
+}
+
+// ControllerGetVolumeHealth reports a volume's health as seen from its pool.
+func (d *Driver) ControllerGetVolumeHealth(_ context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, invalidf("volume ID is missing")
+	}
+	p, vid, err := d.lookup(req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	v, err := p.Get(vid.Token)
+	if err != nil {
+		return nil, err
+	}
+	c, err := p.Capacity()
+	if err != nil {
+		return nil, err
+	}
+	return &csi.ControllerGetVolumeHealthResponse{VolumeHealth: &csi.VolumeHealth{VolumeId: v.ID, HealthStatuses: d.controllerHealth(p, v, c)}}, nil
+}
+
+// ControllerListVolumeHealth reports the health of every volume, in ID
+// order, paged like ListVolumes.
+func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
+	lv, err := d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: req.GetMaxEntries(), StartingToken: req.GetStartingToken()})
+	if err != nil {
+		return nil, err
+	}
+	caps := map[*pool.Pool]pool.Capacity{}
+	resp := &csi.ControllerListVolumeHealthResponse{NextToken: lv.GetNextToken()}
+	for _, e := range lv.GetEntries() {
+		p, vid, err := d.lookup(e.GetVolume().GetVolumeId())
+		if err != nil {
+			continue
+		}
+		v, err := p.Get(vid.Token)
+		if err != nil {
+			continue // deleted since it was listed
+		}
+		c, ok := caps[p]
+		if !ok {
+			if c, err = p.Capacity(); err != nil {
+				return nil, err
+			}
+			caps[p] = c
+		}
+		resp.Entries = append(resp.Entries, &csi.VolumeHealth{VolumeId: v.ID, HealthStatuses: d.controllerHealth(p, v, c)})
 	}
 	return resp, nil
 }

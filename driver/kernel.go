@@ -13,6 +13,7 @@ type LoopDevices interface {
 	List() ([]loop.Device, error)
 	Detach(devPath string) error
 	Size(devPath string) (int64, error)
+	SetCapacity(devPath string) (int64, error)
 }
 
 // Mounter is the node service's edge to filesystems and the mount table. The
@@ -24,6 +25,11 @@ type Mounter interface {
 	Unmount(target string) error
 	Mounts() ([]fs.MountInfo, error)
 	Stats(path string) (fs.Stats, error)
+	NeedResize(devicePath, mountPath string) (bool, error)
+	Resize(devicePath, mountPath string) error
+	GrowUnmounted(device, fsType string) (bool, error)
+	NewUUID(device, fsType string) error
+	Freeze(path string) (thaw func() error, err error)
 }
 
 // Kernel bundles the node's edges.
@@ -41,8 +47,16 @@ func (realLoops) Find(file string) (*loop.Device, error) { return loop.Find(file
 func (realLoops) List() ([]loop.Device, error)           { return loop.List() }
 func (realLoops) Detach(devPath string) error            { return loop.Detach(devPath) }
 func (realLoops) Size(devPath string) (int64, error)     { return loop.Size(devPath) }
+func (realLoops) SetCapacity(devPath string) (int64, error) {
+	return loop.SetCapacity(devPath)
+}
+
+// realMounter adds the package-level pieces of pkg/fs to its Mounter.
+type realMounter struct{ *fs.Mounter }
+
+func (realMounter) Freeze(path string) (func() error, error) { return fs.Freeze(path) }
 
 // RealKernel returns the edges backed by the running kernel.
 func RealKernel() Kernel {
-	return Kernel{Loops: realLoops{}, Mounter: fs.New()}
+	return Kernel{Loops: realLoops{}, Mounter: realMounter{fs.New()}}
 }

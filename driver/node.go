@@ -33,6 +33,7 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 		csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
 		csi.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
 		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
 	} {
 		caps = append(caps, &csi.NodeServiceCapability{
 			Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}},
@@ -252,10 +253,61 @@ func (d *Driver) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fs
 	if ro {
 		opts = append(opts, "ro")
 	}
+	if found != "" && nv.vol.Source != nil {
+		opts = append(opts, d.copyIdentity(nv, found, ro)...)
+	}
+	// The image may have grown while the volume was not staged (or be a
+	// copy made larger than its origin): ext4 grows before its mount,
+	// xfs and btrfs after.
+	if found != "" && !ro {
+		if grown, err := d.kernel.Mounter.GrowUnmounted(nv.dev.Path, found); err != nil {
+			return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
+		} else if grown {
+			klog.V(2).InfoS("Grew filesystem before mounting it", "volumeID", nv.vol.ID, "fsType", found)
+		}
+	}
 	if err := d.kernel.Mounter.FormatAndMount(nv.dev.Path, staging, fsType, opts, nil); err != nil {
 		return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
 	}
+	if found == "" || found == "ext4" || ro {
+		return nil
+	}
+	if err := d.growFilesystem(nv, staging); err != nil {
+		if uerr := d.kernel.Mounter.Unmount(staging); uerr != nil {
+			klog.ErrorS(uerr, "Could not unmount after a failed stage", "volumeID", nv.vol.ID)
+		}
+		return err
+	}
 	return nil
+}
+
+// copyIdentity prepares the filesystem of a snapshot restore or a clone to
+// be mounted on the same node as its origin, whose UUID it still carries,
+// and returns the mount options that needs. ext4 and btrfs get a new UUID
+// before their first mount (btrfs refuses two filesystems with one fsid);
+// xfs is always mounted with nouuid, and gets a new UUID too when its log is
+// clean enough for xfs_admin.
+func (d *Driver) copyIdentity(nv *nodeVolume, fsType string, ro bool) []string {
+	var opts []string
+	if fsType == "xfs" {
+		opts = append(opts, "nouuid")
+	}
+	if !nv.vol.NewFilesystemID || ro {
+		return opts
+	}
+	if err := d.kernel.Mounter.NewUUID(nv.dev.Path, fsType); errors.Is(err, fs.ErrXFSDirtyLog) {
+		// Copies of a mounted xfs carry its log; nouuid covers them.
+		klog.V(2).InfoS("Copied xfs filesystem keeps its origin's UUID and mounts with nouuid", "volumeID", nv.vol.ID)
+		return opts
+	} else if err != nil {
+		klog.ErrorS(err, "Could not give a copied filesystem a new UUID", "volumeID", nv.vol.ID, "fsType", fsType)
+		return opts
+	}
+	if err := nv.pool.ClearNewFilesystemID(nv.vol.Token()); err != nil {
+		klog.ErrorS(err, "Could not record the new filesystem UUID", "volumeID", nv.vol.ID)
+	}
+	klog.V(2).InfoS("Gave copied filesystem a new UUID", "volumeID", nv.vol.ID, "fsType", fsType)
+	return opts
 }
 
 // deviceUsers lists the mount points that use the loop device: filesystem

@@ -64,6 +64,24 @@ func parseParams(in map[string]string) (params, error) {
 	return p, nil
 }
 
+// applyMutableParams applies mutable parameters (a VolumeAttributesClass)
+// over the StorageClass parameters. Only provisioning can change after
+// creation; every other key is refused.
+func applyMutableParams(p *params, in map[string]string) error {
+	for k, v := range in {
+		if k != ParamProvisioning {
+			return invalidf("parameter %q cannot be changed after creation (mutable: %s)", k, ParamProvisioning)
+		}
+		switch pool.Provisioning(v) {
+		case pool.Thin, pool.Thick:
+			p.provisioning = pool.Provisioning(v)
+		default:
+			return invalidf("parameter %s=%q: want thin or thick", ParamProvisioning, v)
+		}
+	}
+	return nil
+}
+
 // volumeCaps is what a list of volume capabilities asks for.
 type volumeCaps struct {
 	accessType pool.AccessType

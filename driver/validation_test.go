@@ -23,7 +23,7 @@ func TestVolumeSize(t *testing.T) {
 		{1, 0, "", mi, codes.OK},
 		{mi + 1, 0, "ext4", 2 * mi, codes.OK},
 		{10 * mi, 0, "xfs", 300 * mi, codes.OK},
-		{10 * mi, 0, "btrfs", 128 * mi, codes.OK},
+		{10 * mi, 0, "btrfs", 256 * mi, codes.OK},
 		{10 * mi, 100 * mi, "xfs", 0, codes.OutOfRange},
 		{mi + 1, mi + 1, "", 0, codes.OutOfRange},
 		{2 * mi, mi, "", 0, codes.OutOfRange},

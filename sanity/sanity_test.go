@@ -54,6 +54,7 @@ func TestSanity(t *testing.T) {
 	cfg.TestVolumeSize = 64 << 20
 	cfg.IdempotentCount = 3
 	cfg.TestNodeVolumeAttachLimit = true
+	cfg.TestVolumeMutableParameters = map[string]string{"provisioning": "thick"}
 	if err := os.MkdirAll(filepath.Join(dir, "pool"), 0o750); err != nil {
 		t.Fatal(err)
 	}

@@ -18,13 +18,14 @@ import (
 	utilexec "k8s.io/utils/exec"
 )
 
-// Supported filesystems, and the smallest device each mkfs accepts
-// (measured with xfsprogs 6.1 and btrfs-progs 6.2; btrfs has a margin above
-// its 109 MiB floor for other releases).
+// Supported filesystems, and their smallest volumes: what mkfs accepts
+// (xfsprogs 6.1 refuses less than 300 MiB), and for btrfs what the kernel
+// can still grow (BTRFS_IOC_RESIZE refuses sizes below 256 MiB, though
+// mkfs.btrfs would take 109 MiB).
 var minSize = map[string]int64{
 	"ext4":  1 << 20,
 	"xfs":   300 << 20,
-	"btrfs": 128 << 20,
+	"btrfs": BtrfsMinResizeBytes,
 }
 
 // DefaultFSType is used when the CO names none.

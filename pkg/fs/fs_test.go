@@ -20,7 +20,7 @@ func TestValidateMountOptions(t *testing.T) {
 }
 
 func TestMinSize(t *testing.T) {
-	if MinSize("xfs") != 300<<20 || MinSize("btrfs") != 128<<20 || MinSize("ext4") != 1<<20 || MinSize("") != 0 {
+	if MinSize("xfs") != 300<<20 || MinSize("btrfs") != 256<<20 || MinSize("ext4") != 1<<20 || MinSize("") != 0 {
 		t.Fatal("unexpected minimum sizes")
 	}
 	if Supported("ntfs") || !Supported("ext4") {

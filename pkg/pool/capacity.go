@@ -24,6 +24,11 @@ type Capacity struct {
 	// every volume were filled.
 	Available int64
 
+	// Unbacked is how many of the provisioned bytes the filesystem could no
+	// longer hold if every volume were filled: more than zero once something
+	// other than Spool filled the filesystem.
+	Unbacked int64
+
 	// limit is min(Total, free space + Allocated), before subtracting
 	// Provisioned.
 	limit int64
@@ -59,6 +64,7 @@ func (p *Pool) Capacity() (Capacity, error) {
 	// its images already hold.
 	c.limit = min(c.Total, fsFree+c.Allocated)
 	c.Available = max(c.limit-c.Provisioned-reserved, 0)
+	c.Unbacked = max(c.Provisioned-(fsFree+c.Allocated), 0)
 	return c, nil
 }
 

@@ -5,8 +5,11 @@
 //	<root>/.lock                    flock held by the spool process serving the pool
 //	<root>/volumes/<token>/disk.img the volume image (sparse, or preallocated)
 //	<root>/volumes/<token>/volume.json  the volume's metadata, replaced atomically
-//	<root>/.tmp/<token>/            volumes being built; renamed into volumes/ when whole
-//	<root>/.trash/<token>/          volumes being deleted
+//	<root>/snapshots/<token>/disk.img  a snapshot's read-only image
+//	<root>/snapshots/<token>/snapshot.json
+//	<root>/groups/<token>/group.json  a group snapshot: the IDs of its member snapshots
+//	<root>/.tmp/                    objects being built; renamed into place when whole
+//	<root>/.trash/                  objects being deleted
 //
 // A crash leaves either nothing or a whole volume: Open removes what .tmp and
 // .trash still hold.
@@ -38,6 +41,10 @@ const (
 	trashDir     = ".trash"
 	metaFile     = "volume.json"
 	imageFile    = "disk.img"
+	snapshotsDir = "snapshots"
+	snapshotMeta = "snapshot.json"
+	groupsDir    = "groups"
+	groupMeta    = "group.json"
 )
 
 // Spec is a pool as configured on the command line: NAME=DIR[,capacity=SIZE].
@@ -98,12 +105,16 @@ type Pool struct {
 	lock     *os.File
 
 	mu          sync.Mutex
-	vols        map[string]*Volume // token -> volume
-	names       map[string]string  // name -> token
-	pending     map[string]bool    // names being created
-	busy        map[string]bool    // tokens being deleted
-	reserved    int64              // bytes of volumes being created
-	provisioned int64              // sum of CapacityBytes of vols
+	vols        map[string]*Volume   // token -> volume
+	names       map[string]string    // name -> token
+	pending     map[string]bool      // names being created
+	busy        map[string]bool      // tokens being deleted
+	reserved    int64                // bytes of volumes being created
+	provisioned int64                // sum of CapacityBytes of vols
+	snaps       map[string]*Snapshot // token -> snapshot
+	snapNames   map[string]string    // name -> token
+	groups      map[string]*Group    // token -> group snapshot
+	groupNames  map[string]string    // name -> token
 }
 
 // Open opens (creating if needed) the pool directory, takes its lock,
@@ -121,6 +132,7 @@ func Open(spec Spec, node string) (*Pool, error) {
 	p := &Pool{
 		name: spec.Name, root: filepath.Clean(spec.Dir), node: node, capLimit: spec.Capacity,
 		vols: map[string]*Volume{}, names: map[string]string{}, pending: map[string]bool{}, busy: map[string]bool{},
+		snaps: map[string]*Snapshot{}, snapNames: map[string]string{}, groups: map[string]*Group{}, groupNames: map[string]string{},
 	}
 	if err := os.MkdirAll(p.root, 0o750); err != nil {
 		return nil, fmt.Errorf("pool %s: creating %s: %w", p.name, p.root, err)
@@ -145,7 +157,7 @@ func (p *Pool) open() error {
 	if err := p.checkIdentity(); err != nil {
 		return err
 	}
-	for _, d := range []string{volumesDir, tmpDir, trashDir} {
+	for _, d := range []string{volumesDir, snapshotsDir, groupsDir, tmpDir, trashDir} {
 		if err := os.MkdirAll(filepath.Join(p.root, d), 0o750); err != nil {
 			return fmt.Errorf("pool %s: creating %s: %w", p.name, d, err)
 		}
@@ -155,7 +167,10 @@ func (p *Pool) open() error {
 			return err
 		}
 	}
-	return p.loadIndex()
+	if err := p.loadIndex(); err != nil {
+		return err
+	}
+	return p.loadSnapshots()
 }
 
 // checkIdentity writes the identity file of a new pool, or checks that an
@@ -241,7 +256,7 @@ func (p *Pool) readMeta(token string) (*Volume, error) {
 	if err := json.Unmarshal(data, v); err != nil {
 		return nil, fmt.Errorf("parsing %s of %s: %w", metaFile, token, err)
 	}
-	id, err := volid.Parse(v.ID)
+	id, err := volid.ParseKind(v.ID, volid.KindVolume)
 	if err != nil || id.Token != token || id.Pool != p.name {
 		return nil, fmt.Errorf("volume %s: metadata names ID %q", token, v.ID)
 	}

@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/spool-csi/spool/pkg/size"
+	"github.com/spool-csi/spool/pkg/volid"
 )
 
 func openPool(t *testing.T, dir string, capacity int64) *Pool {
@@ -30,7 +32,7 @@ func req(name string, n int64) CreateRequest {
 func TestCreateGetDelete(t *testing.T) {
 	dir := t.TempDir()
 	p := openPool(t, dir, 0)
-	v, created, err := p.CreateVolume(req("pvc-1", 64*size.MiB))
+	v, created, err := p.CreateVolume(context.Background(), req("pvc-1", 64*size.MiB))
 	if err != nil || !created {
 		t.Fatalf("CreateVolume: %v, created=%t", err, created)
 	}
@@ -45,7 +47,7 @@ func TestCreateGetDelete(t *testing.T) {
 	if p.AllocatedBytes(v.Token()) > size.MiB {
 		t.Fatalf("thin image allocates %d bytes", p.AllocatedBytes(v.Token()))
 	}
-	again, created, err := p.CreateVolume(req("pvc-1", 64*size.MiB))
+	again, created, err := p.CreateVolume(context.Background(), req("pvc-1", 64*size.MiB))
 	if err != nil || created || again.ID != v.ID {
 		t.Fatalf("second CreateVolume: %v created=%t id=%s", err, created, again.ID)
 	}
@@ -73,7 +75,7 @@ func TestThickPreallocates(t *testing.T) {
 	p := openPool(t, t.TempDir(), 0)
 	r := req("thick", 8*size.MiB)
 	r.Provisioning = Thick
-	v, _, err := p.CreateVolume(r)
+	v, _, err := p.CreateVolume(context.Background(), r)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +86,7 @@ func TestThickPreallocates(t *testing.T) {
 
 func TestCapacityCountsProvisionedBytes(t *testing.T) {
 	p := openPool(t, t.TempDir(), 100*size.MiB)
-	if _, _, err := p.CreateVolume(req("a", 60*size.MiB)); err != nil {
+	if _, _, err := p.CreateVolume(context.Background(), req("a", 60*size.MiB)); err != nil {
 		t.Fatal(err)
 	}
 	c, err := p.Capacity()
@@ -95,11 +97,11 @@ func TestCapacityCountsProvisionedBytes(t *testing.T) {
 		t.Fatalf("capacity %+v", c)
 	}
 	// The thin image holds no data, yet its full size is spoken for.
-	_, _, err = p.CreateVolume(req("b", 41*size.MiB))
+	_, _, err = p.CreateVolume(context.Background(), req("b", 41*size.MiB))
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("over-provisioning: %v, want ResourceExhausted", err)
 	}
-	if _, _, err := p.CreateVolume(req("b", 40*size.MiB)); err != nil {
+	if _, _, err := p.CreateVolume(context.Background(), req("b", 40*size.MiB)); err != nil {
 		t.Fatalf("exact fit: %v", err)
 	}
 }
@@ -112,7 +114,7 @@ func TestConcurrentCreateSameName(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			v, _, err := p.CreateVolume(req("same", size.MiB))
+			v, _, err := p.CreateVolume(context.Background(), req("same", size.MiB))
 			if err == nil {
 				ids <- v.ID
 			} else if status.Code(err) != codes.Aborted {
@@ -134,7 +136,7 @@ func TestConcurrentCreateSameName(t *testing.T) {
 func TestReopenRecoversAndCleans(t *testing.T) {
 	dir := t.TempDir()
 	p := openPool(t, dir, 0)
-	v, _, err := p.CreateVolume(req("keep", size.MiB))
+	v, _, err := p.CreateVolume(context.Background(), req("keep", size.MiB))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,5 +220,134 @@ func TestIsImage(t *testing.T) {
 		if got := p.IsImage(path); got != want {
 			t.Errorf("IsImage(%q) = %t, want %t", path, got, want)
 		}
+	}
+}
+
+func TestSnapshotsAndCopies(t *testing.T) {
+	dir := t.TempDir()
+	p := openPool(t, dir, 200*size.MiB)
+	ctx := context.Background()
+	v, _, err := p.CreateVolume(ctx, req("origin", 8*size.MiB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, _ := p.ImagePath(v.Token())
+	if err := os.WriteFile(img, []byte("snapshot me"), 0o600); err != nil { // shrinks it; grow back below
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 8*size.MiB); err != nil {
+		t.Fatal(err)
+	}
+	s, created, err := p.CreateSnapshot(ctx, SnapshotRequest{Name: "snap", SourceToken: v.Token()})
+	if err != nil || !created || s.SizeBytes != 8*size.MiB || s.SourceVolumeID != v.ID {
+		t.Fatalf("CreateSnapshot: %+v %t %v", s, created, err)
+	}
+	again, created, err := p.CreateSnapshot(ctx, SnapshotRequest{Name: "snap", SourceToken: v.Token()})
+	if err != nil || created || again.ID != s.ID {
+		t.Fatalf("repeated CreateSnapshot: %+v %t %v", again, created, err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, snapshotsDir, s.Token(), imageFile))
+	if err != nil || fi.Mode().Perm() != 0o400 {
+		t.Fatalf("snapshot image: %v %v", fi, err)
+	}
+	// Changing the origin does not change the snapshot.
+	if err := os.WriteFile(img, []byte("changed!!!!"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := req("restored", 16*size.MiB)
+	r.SourceKind, r.SourceToken = SourceSnapshot, s.Token()
+	rv, _, err := p.CreateVolume(ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rimg, _ := p.ImagePath(rv.Token())
+	data, _ := os.ReadFile(rimg)
+	if int64(len(data)) != 16*size.MiB || string(data[:11]) != "snapshot me" || !rv.NewFilesystemID || rv.Source.ID != s.ID {
+		t.Fatalf("restored volume: %d bytes, %q, %+v", len(data), data[:11], rv.Source)
+	}
+	small := req("too-small", 4*size.MiB)
+	small.SourceKind, small.SourceToken = SourceSnapshot, s.Token()
+	if _, _, err := p.CreateVolume(ctx, small); status.Code(err) != codes.OutOfRange {
+		t.Fatalf("restoring into a smaller volume: %v, want OutOfRange", err)
+	}
+
+	// Reopening keeps snapshots; a group member whose group record is
+	// missing (a crash during CreateVolumeGroupSnapshot) is removed.
+	orphan, _, err := p.CreateSnapshot(ctx, SnapshotRequest{Name: "member", SourceToken: v.Token(), GroupID: "test:node-1:group-000000000000000000000000"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	q := openPool(t, dir, 200*size.MiB)
+	if _, err := q.GetSnapshot(s.Token()); err != nil {
+		t.Fatalf("snapshot lost on reopen: %v", err)
+	}
+	if _, err := q.GetSnapshot(orphan.Token()); status.Code(err) != codes.NotFound {
+		t.Fatalf("orphaned group member survived reopen: %v", err)
+	}
+	if err := q.DeleteSnapshot(s.Token()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, snapshotsDir, s.Token())); !os.IsNotExist(err) {
+		t.Fatalf("snapshot directory left after delete: %v", err)
+	}
+}
+
+func TestGroups(t *testing.T) {
+	dir := t.TempDir()
+	p := openPool(t, dir, 0)
+	ctx := context.Background()
+	v, _, _ := p.CreateVolume(ctx, req("a", size.MiB))
+	gid, _ := volid.New(volid.KindGroup, "test", "node-1")
+	s, _, err := p.CreateSnapshot(ctx, SnapshotRequest{Name: "m", SourceToken: v.Token(), GroupID: gid.String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.CreateGroup(gid, "g", []string{s.ID}); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	p = openPool(t, dir, 0)
+	g, ok := p.GetGroupByName("g")
+	if !ok || len(g.SnapshotIDs) != 1 {
+		t.Fatalf("group after reopen: %+v %t", g, ok)
+	}
+	if _, err := p.GetSnapshot(s.Token()); err != nil {
+		t.Fatalf("member of a recorded group was removed: %v", err)
+	}
+	if err := p.DeleteGroup(gid.Token); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.GetSnapshot(s.Token()); status.Code(err) != codes.NotFound {
+		t.Fatalf("member survived its group: %v", err)
+	}
+}
+
+func TestExpandAndProvisioning(t *testing.T) {
+	p := openPool(t, t.TempDir(), 100*size.MiB)
+	ctx := context.Background()
+	v, _, err := p.CreateVolume(ctx, req("v", 40*size.MiB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.ExpandVolume(v.Token(), 101*size.MiB); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("growing past the pool: %v, want ResourceExhausted", err)
+	}
+	g, err := p.ExpandVolume(v.Token(), 60*size.MiB)
+	if err != nil || g.CapacityBytes != 60*size.MiB {
+		t.Fatalf("ExpandVolume: %+v %v", g, err)
+	}
+	img, _ := p.ImagePath(v.Token())
+	if fi, _ := os.Stat(img); fi.Size() != 60*size.MiB {
+		t.Fatalf("image is %d bytes after expansion", fi.Size())
+	}
+	if c, _ := p.Capacity(); c.Provisioned != 60*size.MiB {
+		t.Fatalf("provisioned %d after expansion", c.Provisioned)
+	}
+	if _, err := p.SetProvisioning(v.Token(), Thick); err != nil {
+		t.Fatal(err)
+	}
+	if a := p.AllocatedBytes(v.Token()); a < 60*size.MiB {
+		t.Fatalf("thick volume allocates %d bytes", a)
 	}
 }

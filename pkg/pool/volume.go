@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/spool-csi/spool/pkg/imagecopy"
 	"github.com/spool-csi/spool/pkg/size"
 	"github.com/spool-csi/spool/pkg/volid"
 )
@@ -61,9 +63,30 @@ type Volume struct {
 	// Generation is the last attachment generation handed out.
 	Generation  uint64       `json:"generation"`
 	Attachments []Attachment `json:"attachments,omitempty"`
+	// Source is the snapshot or volume the volume was copied from.
+	Source *Source `json:"source,omitempty"`
+	// NewFilesystemID is set on copies: their filesystem still carries the
+	// origin's UUID, so the first stage gives it a new one before mounting
+	// it next to the origin.
+	NewFilesystemID bool `json:"newFilesystemID,omitempty"`
 
 	token string
 }
+
+// Source names what a volume was copied from.
+type Source struct {
+	// Kind is "snapshot" or "volume".
+	Kind string `json:"kind"`
+	ID   string `json:"id"`
+	// Method is how the image was copied (reflink or sparse-copy).
+	Method string `json:"method"`
+}
+
+// Source kinds.
+const (
+	SourceSnapshot = "snapshot"
+	SourceVolume   = "volume"
+)
 
 // Token is the volume's token (its directory name).
 func (v *Volume) Token() string { return v.token }
@@ -82,6 +105,10 @@ func (v *Volume) clone() Volume {
 	c := *v
 	c.Parameters = maps.Clone(v.Parameters)
 	c.Attachments = slices.Clone(v.Attachments)
+	if v.Source != nil {
+		src := *v.Source
+		c.Source = &src
+	}
 	return c
 }
 
@@ -94,11 +121,15 @@ type CreateRequest struct {
 	AccessType    AccessType
 	FSType        string
 	Parameters    map[string]string
+	// SourceKind and SourceToken name a snapshot or volume of this pool to
+	// copy; the caller holds that object's lock.
+	SourceKind  string
+	SourceToken string
 }
 
 // CreateVolume creates the volume, or returns the existing volume of that
 // name with created=false (the caller decides whether it is compatible).
-func (p *Pool) CreateVolume(req CreateRequest) (v Volume, created bool, err error) {
+func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, created bool, err error) {
 	if req.CapacityBytes <= 0 || req.CapacityBytes%size.MiB != 0 {
 		return Volume{}, false, status.Errorf(codes.Internal, "capacity %d is not a positive multiple of 1 MiB", req.CapacityBytes)
 	}
@@ -142,7 +173,7 @@ func (p *Pool) CreateVolume(req CreateRequest) (v Volume, created bool, err erro
 		p.mu.Unlock()
 	}()
 
-	id, err := volid.New(p.name, p.node)
+	id, err := volid.New(volid.KindVolume, p.name, p.node)
 	if err != nil {
 		return Volume{}, false, err
 	}
@@ -151,16 +182,33 @@ func (p *Pool) CreateVolume(req CreateRequest) (v Volume, created bool, err erro
 		AccessType: req.AccessType, FSType: req.FSType, Parameters: maps.Clone(req.Parameters),
 		CreatedAt: time.Now().UTC(), token: id.Token,
 	}
-	if err := p.build(&v); err != nil {
+	var srcImage string
+	switch req.SourceKind {
+	case "":
+	case SourceSnapshot, SourceVolume:
+		src, image, err := p.sourceFor(req.SourceKind, req.SourceToken)
+		if err != nil {
+			return Volume{}, false, err
+		}
+		if src.size > req.CapacityBytes {
+			return Volume{}, false, status.Errorf(codes.OutOfRange, "%s %s holds %s, more than the %s asked for", req.SourceKind, src.id, size.Format(src.size), size.Format(req.CapacityBytes))
+		}
+		v.Source = &Source{Kind: req.SourceKind, ID: src.id}
+		v.NewFilesystemID = true
+		srcImage = image
+	default:
+		return Volume{}, false, status.Errorf(codes.Internal, "unknown source kind %q", req.SourceKind)
+	}
+	if err := p.build(ctx, &v, srcImage); err != nil {
 		return Volume{}, false, err
 	}
 	klog.V(2).InfoS("Created volume", "pool", p.name, "volumeID", v.ID, "name", v.Name, "bytes", v.CapacityBytes, "provisioning", v.Provisioning)
 	return v, true, nil
 }
 
-// build makes the volume under .tmp and renames it into volumes/ once it is
-// whole and durable.
-func (p *Pool) build(v *Volume) (err error) {
+// build makes the volume under .tmp, as a new image or as a copy of
+// srcImage, and renames it into volumes/ once it is whole and durable.
+func (p *Pool) build(ctx context.Context, v *Volume, srcImage string) (err error) {
 	tmp := filepath.Join(p.root, tmpDir, v.token)
 	if err := os.Mkdir(tmp, 0o750); err != nil {
 		return fmt.Errorf("creating %s: %w", tmp, err)
@@ -170,7 +218,13 @@ func (p *Pool) build(v *Volume) (err error) {
 			_ = os.RemoveAll(tmp)
 		}
 	}()
-	if err := makeImage(filepath.Join(tmp, imageFile), v.CapacityBytes, v.Provisioning); err != nil {
+	img := filepath.Join(tmp, imageFile)
+	if srcImage == "" {
+		err = makeImage(img, v.CapacityBytes, v.Provisioning)
+	} else {
+		err = copyImage(ctx, srcImage, img, v)
+	}
+	if err != nil {
 		return err
 	}
 	data, err := json.MarshalIndent(v, "", "  ")
@@ -187,27 +241,70 @@ func (p *Pool) build(v *Volume) (err error) {
 	return syncDir(filepath.Dir(final))
 }
 
+// copyImage copies srcImage to path and grows the copy to the volume's size.
+func copyImage(ctx context.Context, srcImage, path string, v *Volume) error {
+	method, err := imagecopy.Copy(ctx, srcImage, path)
+	if err != nil {
+		return fmt.Errorf("copying %s: %w", v.Source.ID, err)
+	}
+	v.Source.Method = string(method)
+	return resizeImage(path, v.CapacityBytes, v.Provisioning)
+}
+
+// resizeImage grows an image to n bytes; thick images get the new range
+// preallocated.
+func resizeImage(path string, n int64, prov Provisioning) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("opening image: %w", err)
+	}
+	defer func() { _ = f.Close() }()
+	if err := sizeFile(f, n, prov); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// sizeFile makes f n bytes long (never shorter than it is) and, for thick
+// provisioning, allocates every block. fallocate over blocks that are
+// already allocated is a no-op, so this also converts thin to thick.
+func sizeFile(f *os.File, n int64, prov Provisioning) error {
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("stat image: %w", err)
+	}
+	if fi.Size() > n {
+		return status.Errorf(codes.Internal, "image is %d bytes, larger than %d", fi.Size(), n)
+	}
+	if prov == Thick {
+		if err := unix.Fallocate(int(f.Fd()), 0, 0, n); err != nil {
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				return status.Errorf(codes.InvalidArgument, "the pool's filesystem cannot preallocate: use provisioning: thin")
+			}
+			if errors.Is(err, unix.ENOSPC) {
+				return status.Errorf(codes.ResourceExhausted, "no space left to preallocate %s", size.Format(n))
+			}
+			return fmt.Errorf("preallocating image: %w", err)
+		}
+	} else if fi.Size() < n {
+		if err := f.Truncate(n); err != nil {
+			return fmt.Errorf("sizing image: %w", err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync image: %w", err)
+	}
+	return nil
+}
+
 func makeImage(path string, bytes int64, prov Provisioning) error {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fmt.Errorf("creating image: %w", err)
 	}
 	defer func() { _ = f.Close() }()
-	if prov == Thick {
-		if err := unix.Fallocate(int(f.Fd()), 0, 0, bytes); err != nil {
-			if errors.Is(err, unix.EOPNOTSUPP) {
-				return status.Errorf(codes.InvalidArgument, "the pool's filesystem cannot preallocate: use provisioning: thin")
-			}
-			if errors.Is(err, unix.ENOSPC) {
-				return status.Errorf(codes.ResourceExhausted, "no space left to preallocate %s", size.Format(bytes))
-			}
-			return fmt.Errorf("preallocating image: %w", err)
-		}
-	} else if err := f.Truncate(bytes); err != nil {
-		return fmt.Errorf("sizing image: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync image: %w", err)
+	if err := sizeFile(f, bytes, prov); err != nil {
+		return err
 	}
 	return f.Close()
 }
@@ -303,4 +400,97 @@ func (p *Pool) DeleteVolume(token string) error {
 	}
 	klog.V(2).InfoS("Deleted volume", "pool", p.name, "volumeID", v.ID, "name", v.Name)
 	return nil
+}
+
+// ExpandVolume grows the volume's image to n bytes. Growth must fit the
+// pool's capacity like a new volume; a volume that is already as large is
+// returned as it is.
+func (p *Pool) ExpandVolume(token string, n int64) (Volume, error) {
+	v, err := p.Get(token)
+	if err != nil || n <= v.CapacityBytes {
+		return v, err
+	}
+	capa, err := p.Capacity()
+	if err != nil {
+		return Volume{}, err
+	}
+	delta := n - v.CapacityBytes
+	p.mu.Lock()
+	if avail := capa.limit - p.provisioned - p.reserved; delta > avail {
+		p.mu.Unlock()
+		return Volume{}, status.Errorf(codes.ResourceExhausted, "pool %s cannot grow volume %s by %s: %s available",
+			p.name, v.ID, size.Format(delta), size.Format(max(avail, 0)))
+	}
+	p.reserved += delta
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		p.reserved -= delta
+		p.mu.Unlock()
+	}()
+	// Image first, then metadata: a crash in between leaves an image larger
+	// than recorded, which the CO's retry of the expansion records.
+	if err := resizeImage(filepath.Join(p.volumeDir(token), imageFile), n, v.Provisioning); err != nil {
+		return Volume{}, err
+	}
+	v, err = p.Update(token, func(v *Volume) error {
+		v.CapacityBytes = max(v.CapacityBytes, n)
+		return nil
+	})
+	if err == nil {
+		klog.V(2).InfoS("Expanded volume", "pool", p.name, "volumeID", v.ID, "bytes", n)
+	}
+	return v, err
+}
+
+// SetProvisioning changes a volume between thin and thick. Going thick
+// allocates every block of the image now; going thin only stops promising
+// that: blocks already allocated stay so until the filesystem in the volume
+// discards them (fstrim).
+func (p *Pool) SetProvisioning(token string, prov Provisioning) (Volume, error) {
+	v, err := p.Get(token)
+	if err != nil || v.Provisioning == prov {
+		return v, err
+	}
+	if prov == Thick {
+		if err := resizeImage(filepath.Join(p.volumeDir(token), imageFile), v.CapacityBytes, Thick); err != nil {
+			return Volume{}, err
+		}
+	}
+	return p.Update(token, func(v *Volume) error {
+		v.Provisioning = prov
+		return nil
+	})
+}
+
+// ClearNewFilesystemID records that a copied volume's filesystem got its own
+// identity.
+func (p *Pool) ClearNewFilesystemID(token string) error {
+	_, err := p.Update(token, func(v *Volume) error {
+		v.NewFilesystemID = false
+		return nil
+	})
+	return err
+}
+
+// source is what a new volume is copied from.
+type source struct {
+	id   string
+	size int64
+}
+
+// sourceFor finds the snapshot or volume to copy and its image.
+func (p *Pool) sourceFor(kind, token string) (source, string, error) {
+	if kind == SourceSnapshot {
+		s, err := p.GetSnapshot(token)
+		if err != nil {
+			return source{}, "", err
+		}
+		return source{id: s.ID, size: s.SizeBytes}, filepath.Join(p.snapshotDir(token), imageFile), nil
+	}
+	v, err := p.Get(token)
+	if err != nil {
+		return source{}, "", err
+	}
+	return source{id: v.ID, size: v.CapacityBytes}, filepath.Join(p.volumeDir(token), imageFile), nil
 }

@@ -1,12 +1,15 @@
-// Package volid builds and parses Spool volume IDs.
+// Package volid builds and parses the IDs of Spool volumes, snapshots and
+// group snapshots.
 //
-// A volume ID is self-describing and readable, because administrators type
-// it into pre-provisioned PersistentVolumes:
+// IDs are self-describing and readable, because administrators type them
+// into pre-provisioned PersistentVolumes:
 //
-//	<pool>:<node>:<token>      e.g. fast:worker-1:5f2c9a0b7e1d3c4a6b8e0f12
+//	<pool>:<node>:<token>        volume,   e.g. fast:worker-1:5f2c9a0b7e1d3c4a6b8e0f12
+//	<pool>:<node>:snap-<token>   snapshot
+//	<pool>:<node>:group-<token>  group snapshot
 //
 // pool is the pool name, node the node that owns a local pool, token a
-// random 96-bit hex string that names the volume's directory in the pool.
+// random 96-bit hex string that names the object's directory in the pool.
 // IDs come from outside (the CO, an operator): Parse checks every field
 // against a strict pattern before anything builds a path from it, and only
 // the token is ever used as a path element.
@@ -38,34 +41,49 @@ var (
 	tokenRE = regexp.MustCompile(`^[0-9a-f]{24}$`)
 
 	// ErrMalformed is wrapped by every parse error.
-	ErrMalformed = errors.New("malformed volume ID")
+	ErrMalformed = errors.New("malformed ID")
 )
 
-// Volume is a parsed volume ID.
-type Volume struct {
+// Kind is what an ID names.
+type Kind string
+
+// Kinds of IDs; the kind is the token's prefix.
+const (
+	KindVolume   Kind = ""
+	KindSnapshot Kind = "snap"
+	KindGroup    Kind = "group"
+)
+
+// ID is a parsed ID.
+type ID struct {
 	Pool  string
 	Node  string
+	Kind  Kind
 	Token string
 }
 
 // String formats the ID.
-func (v Volume) String() string {
-	return v.Pool + sep + v.Node + sep + v.Token
+func (id ID) String() string {
+	tok := id.Token
+	if id.Kind != KindVolume {
+		tok = string(id.Kind) + "-" + tok
+	}
+	return id.Pool + sep + id.Node + sep + tok
 }
 
-// New returns an ID with a fresh random token.
-func New(pool, node string) (Volume, error) {
+// New returns an ID of the given kind with a fresh random token.
+func New(kind Kind, pool, node string) (ID, error) {
 	if err := ValidatePoolName(pool); err != nil {
-		return Volume{}, err
+		return ID{}, err
 	}
 	if err := ValidateNodeID(node); err != nil {
-		return Volume{}, err
+		return ID{}, err
 	}
 	tok, err := NewToken()
 	if err != nil {
-		return Volume{}, err
+		return ID{}, err
 	}
-	return Volume{Pool: pool, Node: node, Token: tok}, nil
+	return ID{Pool: pool, Node: node, Kind: kind, Token: tok}, nil
 }
 
 // NewToken returns a random token.
@@ -77,27 +95,48 @@ func NewToken() (string, error) {
 	return hex.EncodeToString(b), nil
 }
 
-// Parse parses and validates a volume ID.
-func Parse(s string) (Volume, error) {
+// Parse parses and validates an ID of any kind.
+func Parse(s string) (ID, error) {
 	// Bound the work done on hostile input before splitting.
-	if len(s) > MaxPoolNameLen+MaxNodeIDLen+TokenLen+2 {
-		return Volume{}, fmt.Errorf("%w: %d bytes is too long", ErrMalformed, len(s))
+	if len(s) > MaxPoolNameLen+MaxNodeIDLen+len(KindGroup)+1+TokenLen+2 {
+		return ID{}, fmt.Errorf("%w: %d bytes is too long", ErrMalformed, len(s))
 	}
 	parts := strings.Split(s, sep)
 	if len(parts) != 3 {
-		return Volume{}, fmt.Errorf("%w: %q is not <pool>:<node>:<token>", ErrMalformed, s)
+		return ID{}, fmt.Errorf("%w: %q is not <pool>:<node>:<token>", ErrMalformed, s)
 	}
-	v := Volume{Pool: parts[0], Node: parts[1], Token: parts[2]}
-	if !poolRE.MatchString(v.Pool) {
-		return Volume{}, fmt.Errorf("%w: bad pool name in %q", ErrMalformed, s)
+	id := ID{Pool: parts[0], Node: parts[1], Token: parts[2]}
+	for _, k := range []Kind{KindSnapshot, KindGroup} {
+		if rest, ok := strings.CutPrefix(id.Token, string(k)+"-"); ok {
+			id.Kind, id.Token = k, rest
+		}
 	}
-	if !nodeRE.MatchString(v.Node) || strings.Contains(v.Node, "..") {
-		return Volume{}, fmt.Errorf("%w: bad node in %q", ErrMalformed, s)
+	if !poolRE.MatchString(id.Pool) {
+		return ID{}, fmt.Errorf("%w: bad pool name in %q", ErrMalformed, s)
 	}
-	if !IsToken(v.Token) {
-		return Volume{}, fmt.Errorf("%w: bad token in %q", ErrMalformed, s)
+	if !nodeRE.MatchString(id.Node) || strings.Contains(id.Node, "..") {
+		return ID{}, fmt.Errorf("%w: bad node in %q", ErrMalformed, s)
 	}
-	return v, nil
+	if !IsToken(id.Token) {
+		return ID{}, fmt.Errorf("%w: bad token in %q", ErrMalformed, s)
+	}
+	return id, nil
+}
+
+// ParseKind parses an ID and checks that it names an object of kind k.
+func ParseKind(s string, k Kind) (ID, error) {
+	id, err := Parse(s)
+	if err != nil {
+		return ID{}, err
+	}
+	if id.Kind != k {
+		want := "a volume"
+		if k != KindVolume {
+			want = "a " + string(k) + " ID"
+		}
+		return ID{}, fmt.Errorf("%w: %q is not %s", ErrMalformed, s, want)
+	}
+	return id, nil
 }
 
 // IsToken reports whether s is a well-formed token (and so safe as a single

@@ -7,7 +7,7 @@ import (
 )
 
 func TestRoundTrip(t *testing.T) {
-	v, err := New("fast", "worker-1.example.com")
+	v, err := New(KindVolume, "fast", "worker-1.example.com")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -21,9 +21,41 @@ func TestRoundTrip(t *testing.T) {
 	if !strings.HasPrefix(v.String(), "fast:worker-1.example.com:") || len(v.Token) != TokenLen {
 		t.Fatalf("unexpected ID %q", v.String())
 	}
-	w, _ := New("fast", "worker-1.example.com")
+	w, _ := New(KindVolume, "fast", "worker-1.example.com")
 	if w.Token == v.Token {
 		t.Fatal("two IDs share a token")
+	}
+	for _, k := range []Kind{KindSnapshot, KindGroup} {
+		id, err := New(k, "fast", "n1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(id.String(), "fast:n1:"+string(k)+"-") {
+			t.Fatalf("%s ID %q", k, id)
+		}
+		got, err := ParseKind(id.String(), k)
+		if err != nil || got != id {
+			t.Fatalf("ParseKind(%q): %+v %v", id, got, err)
+		}
+		if _, err := ParseKind(id.String(), KindVolume); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("a %s ID parsed as a volume ID: %v", k, err)
+		}
+		if len(id.String()) > 128 {
+			t.Fatalf("ID too long: %d", len(id.String()))
+		}
+	}
+	if _, err := ParseKind(v.String(), KindSnapshot); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("a volume ID parsed as a snapshot ID: %v", err)
+	}
+}
+
+func TestLongestIDFitsCSILimit(t *testing.T) {
+	id := ID{Pool: strings.Repeat("p", MaxPoolNameLen), Node: strings.Repeat("n", MaxNodeIDLen), Kind: KindGroup, Token: strings.Repeat("a", TokenLen)}
+	if len(id.String()) > 128 {
+		t.Fatalf("longest ID is %d bytes, CSI guarantees 128", len(id.String()))
+	}
+	if _, err := Parse(id.String()); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -34,7 +66,8 @@ func TestParseRejects(t *testing.T) {
 		"../x:node:" + tok, "pool:node:../" + tok[3:], "pool:node:" + strings.ToUpper(tok),
 		"Pool:node:" + tok, "pool:-node:" + tok, "pool:no..de:" + tok, "pool:no/de:" + tok,
 		"pool:node:" + tok + "\x00", "pool:node:" + tok + "0", "pool::" + tok,
-		"pool:node:%2e%2e%2f" + tok[9:], "/abs:node:" + tok,
+		"pool:node:%2e%2e%2f" + tok[9:], "/abs:node:" + tok, "pool:node:snap-", "pool:node:snap-snap-" + tok,
+		"pool:node:other-" + tok, "pool:node:group-../" + tok[3:],
 		strings.Repeat("a", 40) + ":node:" + tok, "pool:" + strings.Repeat("n", 64) + ":" + tok,
 		strings.Repeat("x", 10000),
 	} {
@@ -73,7 +106,7 @@ func FuzzParse(f *testing.F) {
 		if v.String() != s {
 			t.Fatalf("Parse(%q) round-trips to %q", s, v.String())
 		}
-		if strings.ContainsAny(v.Token, "/.\x00") || len(v.Token) != TokenLen {
+		if strings.ContainsAny(v.Token, "/.\x00-") || len(v.Token) != TokenLen {
 			t.Fatalf("Parse(%q) accepted unsafe token %q", s, v.Token)
 		}
 	})

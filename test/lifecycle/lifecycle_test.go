@@ -41,9 +41,14 @@ func newEnv(t *testing.T) *env {
 	leakcheck.RequireRoot(t)
 	dir := t.TempDir()
 	leakcheck.Check(t, dir)
+	return newEnvWithPool(t, dir, filepath.Join(dir, "pool"))
+}
+
+// newEnvWithPool starts a driver whose pool lives in poolDir.
+func newEnvWithPool(t *testing.T, dir, poolDir string) *env {
 	e := &env{t: t, dir: dir, opts: driver.Options{
 		Endpoint: "unix://" + filepath.Join(dir, "csi.sock"), NodeID: node, Version: "test",
-		Pools: []pool.Spec{{Name: "default", Dir: filepath.Join(dir, "pool")}},
+		Pools: []pool.Spec{{Name: "default", Dir: poolDir}},
 	}}
 	e.start()
 	t.Cleanup(e.shutdown)

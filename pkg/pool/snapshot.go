@@ -1,0 +1,349 @@
+package pool
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/imagecopy"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+// Snapshot is a snapshot's metadata, as stored in snapshot.json next to its
+// read-only image.
+type Snapshot struct {
+	ID             string `json:"id"`
+	Name           string `json:"name"`
+	SourceVolumeID string `json:"sourceVolumeID"`
+	// SizeBytes is the source volume's size: the smallest volume a restore
+	// makes.
+	SizeBytes int64     `json:"sizeBytes"`
+	CreatedAt time.Time `json:"createdAt"`
+	// Method is how the image was copied (reflink or sparse-copy).
+	Method string `json:"method"`
+	// GroupID is the group snapshot the snapshot belongs to, if any.
+	GroupID string `json:"groupID,omitempty"`
+
+	token string
+}
+
+// Token is the snapshot's token.
+func (s *Snapshot) Token() string { return s.token }
+
+// Group is a group snapshot: snapshots of several volumes taken together.
+type Group struct {
+	ID          string    `json:"id"`
+	Name        string    `json:"name"`
+	SnapshotIDs []string  `json:"snapshotIDs"`
+	CreatedAt   time.Time `json:"createdAt"`
+
+	token string
+}
+
+// Token is the group's token.
+func (g *Group) Token() string { return g.token }
+
+func (p *Pool) snapshotDir(token string) string { return filepath.Join(p.root, snapshotsDir, token) }
+func (p *Pool) groupDir(token string) string    { return filepath.Join(p.root, groupsDir, token) }
+
+// SnapshotRequest describes a new snapshot of a volume of this pool. The
+// caller holds the source volume's lock.
+type SnapshotRequest struct {
+	Name        string
+	SourceToken string
+	GroupID     string
+}
+
+// CreateSnapshot copies the volume's image (a reflink where the pool's
+// filesystem can, else a sparse copy) into a read-only snapshot, or returns
+// the existing snapshot of that name with created=false. The snapshot
+// appears only when the copy is whole, so every snapshot is ready to use.
+func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snapshot, created bool, err error) {
+	p.mu.Lock()
+	if tok, ok := p.snapNames[req.Name]; ok {
+		s := *p.snaps[tok]
+		p.mu.Unlock()
+		return s, false, nil
+	}
+	if p.pending["snapshot/"+req.Name] {
+		p.mu.Unlock()
+		return Snapshot{}, false, status.Errorf(codes.Aborted, "snapshot %q is being created", req.Name)
+	}
+	p.pending["snapshot/"+req.Name] = true
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		delete(p.pending, "snapshot/"+req.Name)
+		if err == nil {
+			ss := s
+			p.snaps[s.token] = &ss
+			p.snapNames[s.Name] = s.token
+		}
+		p.mu.Unlock()
+	}()
+
+	src, err := p.Get(req.SourceToken)
+	if err != nil {
+		return Snapshot{}, false, err
+	}
+	id, err := volid.New(volid.KindSnapshot, p.name, p.node)
+	if err != nil {
+		return Snapshot{}, false, err
+	}
+	s = Snapshot{ID: id.String(), Name: req.Name, SourceVolumeID: src.ID, SizeBytes: src.CapacityBytes,
+		CreatedAt: time.Now().UTC(), GroupID: req.GroupID, token: id.Token}
+	start := time.Now()
+	if err := p.buildSnapshot(ctx, &s, filepath.Join(p.volumeDir(src.token), imageFile)); err != nil {
+		return Snapshot{}, false, err
+	}
+	klog.V(2).InfoS("Created snapshot", "pool", p.name, "snapshotID", s.ID, "name", s.Name, "source", s.SourceVolumeID,
+		"method", s.Method, "duration", time.Since(start))
+	return s, true, nil
+}
+
+func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage string) (err error) {
+	tmp := filepath.Join(p.root, tmpDir, "snap-"+s.token)
+	if err := os.Mkdir(tmp, 0o750); err != nil {
+		return fmt.Errorf("creating %s: %w", tmp, err)
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(tmp)
+		}
+	}()
+	img := filepath.Join(tmp, imageFile)
+	method, err := imagecopy.Copy(ctx, srcImage, img)
+	if err != nil {
+		return fmt.Errorf("copying %s: %w", s.SourceVolumeID, err)
+	}
+	s.Method = string(method)
+	if err := os.Chmod(img, 0o400); err != nil {
+		return fmt.Errorf("making %s read-only: %w", img, err)
+	}
+	data, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding metadata: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(tmp, snapshotMeta), data); err != nil {
+		return err
+	}
+	final := p.snapshotDir(s.token)
+	if err := os.Rename(tmp, final); err != nil {
+		return fmt.Errorf("renaming %s into place: %w", tmp, err)
+	}
+	return syncDir(filepath.Dir(final))
+}
+
+// GetSnapshot returns the snapshot with this token, or a NotFound status.
+func (p *Pool) GetSnapshot(token string) (Snapshot, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.snaps[token]
+	if !ok {
+		return Snapshot{}, status.Errorf(codes.NotFound, "snapshot %s:%s:snap-%s does not exist", p.name, p.node, token)
+	}
+	return *s, nil
+}
+
+// ListSnapshots returns all snapshots, sorted by ID.
+func (p *Pool) ListSnapshots() []Snapshot {
+	p.mu.Lock()
+	out := make([]Snapshot, 0, len(p.snaps))
+	for _, s := range p.snaps {
+		out = append(out, *s)
+	}
+	p.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// DeleteSnapshot removes a snapshot; a snapshot that does not exist is
+// already deleted.
+func (p *Pool) DeleteSnapshot(token string) error {
+	s, err := p.GetSnapshot(token)
+	if status.Code(err) == codes.NotFound {
+		return nil
+	}
+	if err := p.trash(p.snapshotDir(token), "snap-"+token); err != nil {
+		return fmt.Errorf("deleting snapshot %s: %w", s.ID, err)
+	}
+	p.mu.Lock()
+	delete(p.snaps, token)
+	if p.snapNames[s.Name] == token {
+		delete(p.snapNames, s.Name)
+	}
+	p.mu.Unlock()
+	klog.V(2).InfoS("Deleted snapshot", "pool", p.name, "snapshotID", s.ID)
+	return nil
+}
+
+// trash moves dir into .trash (durably: from then on a crash leaves only
+// trash that Open removes) and removes it.
+func (p *Pool) trash(dir, name string) error {
+	dst := filepath.Join(p.root, trashDir, name)
+	if err := os.Rename(dir, dst); err != nil {
+		return fmt.Errorf("moving %s to trash: %w", dir, err)
+	}
+	if err := syncDir(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(dst); err != nil {
+		klog.ErrorS(err, "Could not remove deleted files; the next start will", "pool", p.name, "path", dst)
+	}
+	return nil
+}
+
+// CreateGroup records a group snapshot whose member snapshots the caller
+// has made (with GroupID set to id). Members whose group record never got
+// written are removed by Open.
+func (p *Pool) CreateGroup(id volid.ID, name string, snapshotIDs []string) (Group, error) {
+	g := Group{ID: id.String(), Name: name, SnapshotIDs: slices.Clone(snapshotIDs), CreatedAt: time.Now().UTC(), token: id.Token}
+	tmp := filepath.Join(p.root, tmpDir, "group-"+id.Token)
+	if err := os.Mkdir(tmp, 0o750); err != nil {
+		return Group{}, fmt.Errorf("creating %s: %w", tmp, err)
+	}
+	data, err := json.MarshalIndent(&g, "", "  ")
+	if err == nil {
+		err = writeFileAtomic(filepath.Join(tmp, groupMeta), data)
+	}
+	if err == nil {
+		err = os.Rename(tmp, p.groupDir(id.Token))
+	}
+	if err == nil {
+		err = syncDir(filepath.Join(p.root, groupsDir))
+	}
+	if err != nil {
+		_ = os.RemoveAll(tmp)
+		return Group{}, fmt.Errorf("recording group snapshot %s: %w", g.ID, err)
+	}
+	p.mu.Lock()
+	gg := g
+	p.groups[g.token] = &gg
+	p.groupNames[g.Name] = g.token
+	p.mu.Unlock()
+	klog.V(2).InfoS("Created group snapshot", "pool", p.name, "groupSnapshotID", g.ID, "name", name, "snapshots", len(snapshotIDs))
+	return g, nil
+}
+
+// GetGroup returns the group snapshot with this token, or NotFound.
+func (p *Pool) GetGroup(token string) (Group, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	g, ok := p.groups[token]
+	if !ok {
+		return Group{}, status.Errorf(codes.NotFound, "group snapshot %s:%s:group-%s does not exist", p.name, p.node, token)
+	}
+	c := *g
+	c.SnapshotIDs = slices.Clone(g.SnapshotIDs)
+	return c, nil
+}
+
+// GetGroupByName returns the group snapshot with this name, if any.
+func (p *Pool) GetGroupByName(name string) (Group, bool) {
+	p.mu.Lock()
+	tok, ok := p.groupNames[name]
+	p.mu.Unlock()
+	if !ok {
+		return Group{}, false
+	}
+	g, err := p.GetGroup(tok)
+	return g, err == nil
+}
+
+// DeleteGroup removes a group snapshot and its member snapshots. The record
+// goes first: members left by a crash are orphans that Open removes.
+func (p *Pool) DeleteGroup(token string) error {
+	g, err := p.GetGroup(token)
+	if status.Code(err) == codes.NotFound {
+		return nil
+	}
+	if err := p.trash(p.groupDir(token), "group-"+token); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	delete(p.groups, token)
+	if p.groupNames[g.Name] == token {
+		delete(p.groupNames, g.Name)
+	}
+	p.mu.Unlock()
+	for _, s := range p.ListSnapshots() {
+		if s.GroupID == g.ID {
+			if err := p.DeleteSnapshot(s.token); err != nil {
+				return err
+			}
+		}
+	}
+	klog.V(2).InfoS("Deleted group snapshot", "pool", p.name, "groupSnapshotID", g.ID)
+	return nil
+}
+
+// loadSnapshots reads snapshots and groups at Open, and removes member
+// snapshots of groups whose record was never written or was deleted.
+func (p *Pool) loadSnapshots() error {
+	if err := p.loadDir(groupsDir, groupMeta, func(tok string, data []byte) error {
+		g := &Group{}
+		if err := json.Unmarshal(data, g); err != nil {
+			return err
+		}
+		if id, err := volid.ParseKind(g.ID, volid.KindGroup); err != nil || id.Token != tok {
+			return fmt.Errorf("metadata names ID %q", g.ID)
+		}
+		g.token = tok
+		p.groups[tok], p.groupNames[g.Name] = g, tok
+		return nil
+	}); err != nil {
+		return err
+	}
+	groupIDs := map[string]bool{}
+	for _, g := range p.groups {
+		groupIDs[g.ID] = true
+	}
+	return p.loadDir(snapshotsDir, snapshotMeta, func(tok string, data []byte) error {
+		s := &Snapshot{}
+		if err := json.Unmarshal(data, s); err != nil {
+			return err
+		}
+		if id, err := volid.ParseKind(s.ID, volid.KindSnapshot); err != nil || id.Token != tok {
+			return fmt.Errorf("metadata names ID %q", s.ID)
+		}
+		s.token = tok
+		if s.GroupID != "" && !groupIDs[s.GroupID] {
+			klog.InfoS("Removing member of an unfinished or deleted group snapshot", "pool", p.name, "snapshotID", s.ID, "groupSnapshotID", s.GroupID)
+			return p.trash(p.snapshotDir(tok), "snap-"+tok)
+		}
+		p.snaps[tok], p.snapNames[s.Name] = s, tok
+		return nil
+	})
+}
+
+// loadDir calls load for the metadata of every object directory in dir.
+// Objects whose metadata cannot be read are reported and left alone.
+func (p *Pool) loadDir(dir, meta string, load func(token string, data []byte) error) error {
+	entries, err := os.ReadDir(filepath.Join(p.root, dir))
+	if err != nil {
+		return fmt.Errorf("pool %s: reading %s: %w", p.name, dir, err)
+	}
+	for _, e := range entries {
+		if !volid.IsToken(e.Name()) {
+			klog.InfoS("Ignoring unknown entry in pool", "pool", p.name, "entry", filepath.Join(dir, e.Name()))
+			continue
+		}
+		data, err := os.ReadFile(filepath.Join(p.root, dir, e.Name(), meta))
+		if err == nil {
+			err = load(e.Name(), data)
+		}
+		if err != nil {
+			klog.ErrorS(err, "Skipping entry with unreadable metadata", "pool", p.name, "entry", filepath.Join(dir, e.Name()))
+		}
+	}
+	return nil
+}
