@@ -152,6 +152,7 @@ func New(opts Options, kernel Kernel) (*Driver, error) {
 			d.Close()
 			return nil, err
 		}
+		d.deleteOrphanEphemerals()
 	}
 	return d, nil
 }

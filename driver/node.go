@@ -62,15 +62,11 @@ type nodeVolume struct {
 
 // nodeLookup finds a volume served by this node and its loop device.
 func (d *Driver) nodeLookup(id string) (*nodeVolume, error) {
-	p, vid, err := d.lookup(id)
+	p, v, err := d.findNodeVolume(id)
 	if err != nil {
 		return nil, err
 	}
-	v, err := p.Get(vid.Token)
-	if err != nil {
-		return nil, err
-	}
-	img, err := p.ImagePath(vid.Token)
+	img, err := p.ImagePath(v.Token())
 	if err != nil {
 		return nil, err
 	}
@@ -84,6 +80,24 @@ func (d *Driver) nodeLookup(id string) (*nodeVolume, error) {
 		return nil, fmt.Errorf("looking up the loop device of %s: %w", id, err)
 	}
 	return nv, nil
+}
+
+// findNodeVolume finds a volume by its Spool ID, or an ephemeral inline
+// volume by the ID the kubelet gave it.
+func (d *Driver) findNodeVolume(id string) (*pool.Pool, pool.Volume, error) {
+	p, vid, err := d.lookup(id)
+	if err != nil {
+		if isEphemeralID(id) {
+			for _, name := range d.poolOrder {
+				if v, ok := d.pools[name].GetByName(ephemeralName(id)); ok {
+					return d.pools[name], v, nil
+				}
+			}
+		}
+		return nil, pool.Volume{}, err
+	}
+	v, err := p.Get(vid.Token)
+	return p, v, err
 }
 
 // checkPublishContext verifies that the volume is attached to this node with
@@ -380,7 +394,7 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 
 // NodePublishVolume bind-mounts the staged volume onto the target path: the
 // staging mount for filesystems, the loop device node for block volumes.
-func (d *Driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -392,6 +406,9 @@ func (d *Driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolume
 	c := req.GetVolumeCapability()
 	if err := checkCapability(c); err != nil {
 		return nil, err
+	}
+	if isEphemeral(req.GetVolumeContext()) {
+		return d.publishEphemeral(ctx, req, target)
 	}
 	staging, err := checkPath("staging target path", req.GetStagingTargetPath())
 	if err != nil {
@@ -484,6 +501,11 @@ func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 	}
 	defer unlock()
 	nv, err := d.nodeLookup(id)
+	if err != nil && isEphemeralID(id) {
+		// An ephemeral volume that is already gone (deleted by an earlier
+		// unpublish, or at start): only the target may remain.
+		return &csi.NodeUnpublishVolumeResponse{}, d.removeUnmountedTarget(target)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -509,6 +531,11 @@ func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 		return nil, status.Errorf(codes.Internal, "removing target path %s: %v", target, err)
 	}
 	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "target", target)
+	if nv.vol.Ephemeral {
+		if err := d.deleteEphemeral(nv); err != nil {
+			return nil, err
+		}
+	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 

@@ -69,6 +69,9 @@ type Volume struct {
 	// origin's UUID, so the first stage gives it a new one before mounting
 	// it next to the origin.
 	NewFilesystemID bool `json:"newFilesystemID,omitempty"`
+	// Ephemeral marks a CSI ephemeral inline volume: it lives as long as
+	// its one pod mount.
+	Ephemeral bool `json:"ephemeral,omitempty"`
 
 	token string
 }
@@ -125,6 +128,7 @@ type CreateRequest struct {
 	// copy; the caller holds that object's lock.
 	SourceKind  string
 	SourceToken string
+	Ephemeral   bool
 }
 
 // CreateVolume creates the volume, or returns the existing volume of that
@@ -180,7 +184,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 	v = Volume{
 		ID: id.String(), Name: req.Name, CapacityBytes: req.CapacityBytes, Provisioning: req.Provisioning,
 		AccessType: req.AccessType, FSType: req.FSType, Parameters: maps.Clone(req.Parameters),
-		CreatedAt: time.Now().UTC(), token: id.Token,
+		CreatedAt: time.Now().UTC(), Ephemeral: req.Ephemeral, token: id.Token,
 	}
 	var srcImage string
 	switch req.SourceKind {

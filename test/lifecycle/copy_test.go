@@ -285,8 +285,19 @@ func usedBytes(t *testing.T, path string) int64 {
 // On a pool on xfs a snapshot is a reflink: the pool's used bytes barely
 // grow. Elsewhere it is a sparse copy: they grow by the data, not by the
 // volume's size.
+//
+// SPOOL_SNAPSHOT_TEST_MIB sets the data written (default 128 MiB), for
+// measuring: SPOOL_SNAPSHOT_TEST_MIB=512 go test -v -run SnapshotSpace ./test/lifecycle
 func TestSnapshotSpaceByPoolFilesystem(t *testing.T) {
-	const volSize, dataSize = 1 << 30, 128 << 20
+	const volSize = 1 << 30
+	dataSize := int64(128 << 20)
+	if v := os.Getenv("SPOOL_SNAPSHOT_TEST_MIB"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 || n > 1000 {
+			t.Fatalf("SPOOL_SNAPSHOT_TEST_MIB=%q: want 1-1000", v)
+		}
+		dataSize = int64(n) << 20
+	}
 	for _, pc := range []struct {
 		fsType, method   string
 		minGrow, maxGrow int64
@@ -305,7 +316,7 @@ func TestSnapshotSpaceByPoolFilesystem(t *testing.T) {
 			e := newEnvWithPool(t, dir, poolDir)
 			c := ctx(t)
 			v := e.publishNew(c, "big", volSize, csiclient.BlockCap(), nil)
-			if err := writeAt(v.Target, randomBytes(t, dataSize), 0); err != nil {
+			if err := writeAt(v.Target, randomBytes(t, int(dataSize)), 0); err != nil {
 				t.Fatal(err)
 			}
 			before := usedBytes(t, poolDir)

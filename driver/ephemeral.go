@@ -1,0 +1,230 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/size"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+// CSI ephemeral inline volumes: the kubelet calls NodePublishVolume with
+// this volume context key set and a volume ID of its own making; the
+// volume lives exactly as long as that publish.
+const (
+	ephemeralKey = "csi.storage.k8s.io/ephemeral"
+	// AttrSize is the size of an ephemeral volume (default 1Gi).
+	AttrSize = "size"
+	// AttrFSType is the filesystem of an ephemeral volume (default ext4).
+	AttrFSType = "fsType"
+)
+
+var ephemeralIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+func isEphemeral(volumeContext map[string]string) bool {
+	return volumeContext[ephemeralKey] == "true"
+}
+
+// isEphemeralID reports whether id can be an ephemeral volume's ID: not a
+// Spool ID, and harmless as a name.
+func isEphemeralID(id string) bool {
+	_, err := volid.Parse(id)
+	return err != nil && ephemeralIDRE.MatchString(id)
+}
+
+// ephemeralName is the pool volume name of an ephemeral volume.
+func ephemeralName(id string) string { return "ephemeral/" + id }
+
+// ephemeralAttrs are an inline volume's attributes.
+type ephemeralAttrs struct {
+	params
+	size   int64
+	fsType string
+}
+
+func parseEphemeralAttrs(in map[string]string, c *csi.VolumeCapability) (ephemeralAttrs, error) {
+	a := ephemeralAttrs{size: DefaultVolumeSize, fsType: c.GetMount().GetFsType()}
+	rest := map[string]string{}
+	for k, v := range in {
+		switch k {
+		case AttrSize:
+			n, err := size.Parse(v)
+			if err != nil || n == 0 {
+				return a, invalidf("volume attribute %s=%q: want a size such as 1Gi", AttrSize, v)
+			}
+			a.size = n
+		case AttrFSType:
+			a.fsType = v
+		default:
+			rest[k] = v
+		}
+	}
+	if a.fsType != "" && !fs.Supported(a.fsType) {
+		return a, invalidf("fsType %q is not supported (supported: %s)", a.fsType, strings.Join(fs.SupportedTypes(), ", "))
+	}
+	var err error
+	a.params, err = parseParams(rest)
+	return a, err
+}
+
+// publishEphemeral creates an ephemeral volume from the volume attributes,
+// attaches it and mounts it at the target. Nothing is staged: the volume has
+// one user.
+func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolumeRequest, target string) (*csi.NodePublishVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if !isEphemeralID(id) {
+		return nil, invalidf("ephemeral volume ID %q must be 1-128 letters, digits, '.', '_' or '-'", id)
+	}
+	c := req.GetVolumeCapability()
+	if c.GetMount() == nil {
+		return nil, invalidf("ephemeral volumes are filesystems, not block devices")
+	}
+	attrs, err := parseEphemeralAttrs(req.GetVolumeContext(), c)
+	if err != nil {
+		return nil, err
+	}
+	p, ok := d.pool(attrs.pool)
+	if !ok {
+		return nil, invalidf("pool %q is not served here (pools: %v)", attrs.pool, d.poolOrder)
+	}
+	fsType := fsTypeOrDefault(attrs.fsType)
+	n, err := volumeSize(&csi.CapacityRange{RequiredBytes: attrs.size}, fsType)
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	v, _, err := p.CreateVolume(ctx, pool.CreateRequest{
+		Name: ephemeralName(id), CapacityBytes: n, Provisioning: attrs.provisioning,
+		AccessType: pool.Mount, FSType: fsType, Ephemeral: true,
+	})
+	if err != nil {
+		return nil, err
+	}
+	nv, err := d.nodeLookup(id)
+	if err != nil {
+		return nil, err
+	}
+	mounts, err := d.kernel.Mounter.Mounts()
+	if err != nil {
+		return nil, err
+	}
+	ro := req.GetReadonly()
+	if m, ok := fs.MountAt(mounts, target); ok {
+		if nv.dev == nil || !fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) {
+			return nil, alreadyExistsf("target path %s already holds another mount", target)
+		}
+		if slices.Contains(m.MountOptions, "ro") != ro {
+			return nil, alreadyExistsf("ephemeral volume %s is already published at %s with other flags", id, target)
+		}
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	if nv.dev == nil {
+		if nv.dev, err = d.kernel.Loops.Attach(nv.image, loop.Options{DirectIO: true}); err != nil {
+			return nil, d.failEphemeral(nv, status.Errorf(codes.Internal, "attaching ephemeral volume %s: %v", id, err))
+		}
+	}
+	if err := fs.MakeDir(target); err != nil {
+		return nil, d.failEphemeral(nv, status.Errorf(codes.Internal, "target path: %v", err))
+	}
+	found, err := d.kernel.Mounter.Probe(nv.dev.Path)
+	if err == nil && found != "" && found != fsType {
+		err = preconditionf("ephemeral volume %s holds a %s filesystem, not %s", id, found, fsType)
+	}
+	if err == nil {
+		// A blank device is formatted read-write, then remounted read-only.
+		if err = d.kernel.Mounter.FormatAndMount(nv.dev.Path, target, fsType, c.GetMount().GetMountFlags(), nil); err == nil && ro {
+			if err = d.kernel.Mounter.Unmount(target); err == nil {
+				err = d.kernel.Mounter.FormatAndMount(nv.dev.Path, target, fsType, append(slices.Clone(c.GetMount().GetMountFlags()), "ro"), nil)
+			}
+		}
+	}
+	if err != nil {
+		if _, ok := status.FromError(err); !ok {
+			err = status.Errorf(codes.Internal, "publishing ephemeral volume %s: %v", id, err)
+		}
+		return nil, d.failEphemeral(nv, err)
+	}
+	klog.V(2).InfoS("Published ephemeral volume", "volumeID", id, "pool", p.Name(), "spoolID", v.ID, "bytes", v.CapacityBytes, "target", target)
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// failEphemeral undoes a half-made ephemeral publish and returns err.
+func (d *Driver) failEphemeral(nv *nodeVolume, err error) error {
+	if derr := d.deleteEphemeral(nv); derr != nil {
+		klog.ErrorS(derr, "Could not remove a failed ephemeral volume; the next start will", "volume", nv.vol.Name)
+	}
+	return err
+}
+
+// deleteEphemeral detaches an ephemeral volume's loop device and deletes the
+// volume.
+func (d *Driver) deleteEphemeral(nv *nodeVolume) error {
+	if nv.dev != nil {
+		if err := d.kernel.Loops.Detach(nv.dev.Path); err != nil {
+			return status.Errorf(codes.Internal, "detaching ephemeral volume %s: %v", nv.vol.Name, err)
+		}
+	}
+	if err := nv.pool.DeleteVolume(nv.vol.Token()); err != nil {
+		return err
+	}
+	klog.V(2).InfoS("Deleted ephemeral volume", "volume", nv.vol.Name, "spoolID", nv.vol.ID)
+	return nil
+}
+
+// removeUnmountedTarget removes a target path that nothing is mounted on.
+func (d *Driver) removeUnmountedTarget(target string) error {
+	mounts, err := d.kernel.Mounter.Mounts()
+	if err != nil {
+		return err
+	}
+	if _, ok := fs.MountAt(mounts, target); ok {
+		return preconditionf("target path %s holds a mount that is not a Spool volume", target)
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return status.Errorf(codes.Internal, "removing target path %s: %v", target, err)
+	}
+	return nil
+}
+
+// deleteOrphanEphemerals runs at start, after orphan loop devices are
+// detached: an ephemeral volume without a loop device is not mounted by any
+// pod (its publish was interrupted, or its unpublish crashed), so it is
+// deleted. The kubelet's retry of the publish makes it again.
+func (d *Driver) deleteOrphanEphemerals() {
+	for _, name := range d.poolOrder {
+		p := d.pools[name]
+		for _, v := range p.List() {
+			if !v.Ephemeral {
+				continue
+			}
+			img, err := p.ImagePath(v.Token())
+			if err != nil {
+				continue
+			}
+			if _, err := d.kernel.Loops.Find(img); !errors.Is(err, loop.ErrNotFound) {
+				continue
+			}
+			if err := p.DeleteVolume(v.Token()); err != nil {
+				klog.ErrorS(err, "Could not delete an orphaned ephemeral volume", "volume", v.Name)
+				continue
+			}
+			klog.InfoS("Deleted ephemeral volume that no pod uses (left by an interrupted publish or unpublish)", "volume", v.Name, "spoolID", v.ID)
+		}
+	}
+}

@@ -1,0 +1,112 @@
+package lifecycle
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+
+	"github.com/spool-csi/spool/test/csiclient"
+)
+
+func ephemeralPublish(id, target string, attrs map[string]string) *csi.NodePublishVolumeRequest {
+	vc := map[string]string{"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.name": "p"}
+	for k, v := range attrs {
+		vc[k] = v
+	}
+	return &csi.NodePublishVolumeRequest{VolumeId: id, TargetPath: target, VolumeCapability: csiclient.MountCap(""), VolumeContext: vc}
+}
+
+func (e *env) volumeCount() int {
+	e.t.Helper()
+	lv, err := e.c.ListVolumes(ctx(e.t), &csi.ListVolumesRequest{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return len(lv.GetEntries())
+}
+
+// An ephemeral inline volume is created by NodePublishVolume from its
+// attributes and deleted by NodeUnpublishVolume.
+func TestEphemeralVolume(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	id := "csi-0f3c2a9d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f"
+	target := filepath.Join(e.dir, "pod-target")
+	req := ephemeralPublish(id, target, map[string]string{"size": "48Mi", "fsType": "ext4"})
+	for range 2 {
+		if _, err := e.c.NodePublishVolume(c, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		if e.c != nil {
+			_, _ = e.c.NodeUnpublishVolume(ctx(t), &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target})
+		}
+	})
+	data := randomBytes(t, 1<<20)
+	if err := writeFile(filepath.Join(target, "scratch"), data); err != nil {
+		t.Fatal(err)
+	}
+	if got := statfsTotal(t, target); got < 36<<20 || got > 48<<20 {
+		t.Fatalf("ephemeral filesystem is %d bytes, want about 48 MiB", got)
+	}
+	if _, err := e.c.NodeGetVolumeStats(c, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.volumeCount(); n != 1 {
+		t.Fatalf("%d volumes while the ephemeral volume is published, want 1", n)
+	}
+	// The driver restarts while the pod runs: the volume stays.
+	e.restart()
+	c = ctx(t)
+	if got := mustRead(t, filepath.Join(target, "scratch")); !bytes.Equal(got, data) {
+		t.Fatal("ephemeral data changed across a driver restart")
+	}
+	for range 2 {
+		if _, err := e.c.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Fatalf("target still exists: %v", err)
+	}
+	if n := e.volumeCount(); n != 0 {
+		t.Fatalf("%d volumes after the ephemeral volume was unpublished, want 0", n)
+	}
+
+	bad := ephemeralPublish(id, target, map[string]string{"colour": "red"})
+	if _, err := e.c.NodePublishVolume(c, bad); err == nil {
+		t.Fatal("an unknown volume attribute was accepted")
+	}
+	if n := e.volumeCount(); n != 0 {
+		t.Fatalf("a refused ephemeral publish left %d volumes", n)
+	}
+}
+
+// An ephemeral publish interrupted after the volume was made (here: its
+// mount is gone, its loop device left) leaves nothing after a restart.
+func TestEphemeralCleanupAtStart(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	target := filepath.Join(e.dir, "pod-target")
+	if _, err := e.c.NodePublishVolume(c, ephemeralPublish("csi-interrupted", target, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Unmount(target, 0); err != nil {
+		t.Fatal(err)
+	}
+	e.restart()
+	if n := e.volumeCount(); n != 0 {
+		t.Fatalf("%d volumes left after restart, want 0", n)
+	}
+	if _, err := e.c.NodeUnpublishVolume(ctx(t), &csi.NodeUnpublishVolumeRequest{VolumeId: "csi-interrupted", TargetPath: target}); err != nil {
+		t.Fatalf("unpublishing the cleaned-up volume: %v", err)
+	}
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Fatalf("target still exists: %v", err)
+	}
+}
