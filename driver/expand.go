@@ -85,15 +85,11 @@ func (d *Driver) NodeExpandVolume(_ context.Context, req *csi.NodeExpandVolumeRe
 			return nil, err
 		}
 	}
-	unlock, err := d.lockVolume(id)
+	nv, unlock, err := d.lockNodeVolume(id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	nv, err := d.nodeLookup(id)
-	if err != nil {
-		return nil, err
-	}
 	if nv.dev == nil {
 		return nil, preconditionf("volume %s is not staged on this node", id)
 	}

@@ -82,6 +82,21 @@ func (d *Driver) nodeLookup(id string) (*nodeVolume, error) {
 	return nv, nil
 }
 
+// lockNodeVolume takes the volume's lock and finds it on this node; the
+// caller calls unlock when it is done.
+func (d *Driver) lockNodeVolume(id string) (*nodeVolume, func(), error) {
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	nv, err := d.nodeLookup(id)
+	if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return nv, unlock, nil
+}
+
 // findNodeVolume finds a volume by its Spool ID, or an ephemeral inline
 // volume by the ID the kubelet gave it.
 func (d *Driver) findNodeVolume(id string) (*pool.Pool, pool.Volume, error) {
@@ -142,15 +157,11 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 	if err := checkCapability(c); err != nil {
 		return nil, err
 	}
-	unlock, err := d.lockVolume(id)
+	nv, unlock, err := d.lockNodeVolume(id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	nv, err := d.nodeLookup(id)
-	if err != nil {
-		return nil, err
-	}
 	attachedRO, err := d.checkPublishContext(nv.vol, req.GetPublishContext())
 	if err != nil {
 		return nil, err
@@ -348,15 +359,11 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := d.lockVolume(id)
+	nv, unlock, err := d.lockNodeVolume(id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	nv, err := d.nodeLookup(id)
-	if err != nil {
-		return nil, err
-	}
 	mounts, err := d.kernel.Mounter.Mounts()
 	if err != nil {
 		return nil, err
@@ -414,15 +421,11 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := d.lockVolume(id)
+	nv, unlock, err := d.lockNodeVolume(id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	nv, err := d.nodeLookup(id)
-	if err != nil {
-		return nil, err
-	}
 	attachedRO, err := d.checkPublishContext(nv.vol, req.GetPublishContext())
 	if err != nil {
 		return nil, err

@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -52,4 +53,20 @@ func syncDir(dir string) error {
 		return fmt.Errorf("fsync directory %s: %w", dir, err)
 	}
 	return nil
+}
+
+// commitDir writes meta as JSON into the object directory tmp (built under
+// .tmp) and renames tmp to final: from then on the object exists, whole.
+func commitDir(tmp, final, metaName string, meta any) error {
+	data, err := json.MarshalIndent(meta, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding metadata: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(tmp, metaName), data); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return fmt.Errorf("renaming %s into place: %w", tmp, err)
+	}
+	return syncDir(filepath.Dir(final))
 }

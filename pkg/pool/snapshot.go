@@ -129,18 +129,7 @@ func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage string) 
 	if err := os.Chmod(img, 0o400); err != nil {
 		return fmt.Errorf("making %s read-only: %w", img, err)
 	}
-	data, err := json.MarshalIndent(s, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encoding metadata: %w", err)
-	}
-	if err := writeFileAtomic(filepath.Join(tmp, snapshotMeta), data); err != nil {
-		return err
-	}
-	final := p.snapshotDir(s.token)
-	if err := os.Rename(tmp, final); err != nil {
-		return fmt.Errorf("renaming %s into place: %w", tmp, err)
-	}
-	return syncDir(filepath.Dir(final))
+	return commitDir(tmp, p.snapshotDir(s.token), snapshotMeta, s)
 }
 
 // GetSnapshot returns the snapshot with this token, or a NotFound status.
@@ -211,17 +200,7 @@ func (p *Pool) CreateGroup(id volid.ID, name string, snapshotIDs []string) (Grou
 	if err := os.Mkdir(tmp, 0o750); err != nil {
 		return Group{}, fmt.Errorf("creating %s: %w", tmp, err)
 	}
-	data, err := json.MarshalIndent(&g, "", "  ")
-	if err == nil {
-		err = writeFileAtomic(filepath.Join(tmp, groupMeta), data)
-	}
-	if err == nil {
-		err = os.Rename(tmp, p.groupDir(id.Token))
-	}
-	if err == nil {
-		err = syncDir(filepath.Join(p.root, groupsDir))
-	}
-	if err != nil {
+	if err := commitDir(tmp, p.groupDir(id.Token), groupMeta, &g); err != nil {
 		_ = os.RemoveAll(tmp)
 		return Group{}, fmt.Errorf("recording group snapshot %s: %w", g.ID, err)
 	}

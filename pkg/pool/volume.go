@@ -231,18 +231,7 @@ func (p *Pool) build(ctx context.Context, v *Volume, srcImage string) (err error
 	if err != nil {
 		return err
 	}
-	data, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encoding metadata: %w", err)
-	}
-	if err := writeFileAtomic(filepath.Join(tmp, metaFile), data); err != nil {
-		return err
-	}
-	final := p.volumeDir(v.token)
-	if err := os.Rename(tmp, final); err != nil {
-		return fmt.Errorf("renaming %s into place: %w", tmp, err)
-	}
-	return syncDir(filepath.Dir(final))
+	return commitDir(tmp, p.volumeDir(v.token), metaFile, v)
 }
 
 // copyImage copies srcImage to path and grows the copy to the volume's size.

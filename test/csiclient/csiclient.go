@@ -6,6 +6,7 @@ package csiclient
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -143,4 +144,32 @@ func Start(opts driver.Options) (stop func() error, err error) {
 		d.Close()
 		return err
 	}, nil
+}
+
+// WriteFile writes data to a new file at path and fsyncs it, so that the
+// bytes are on the volume before the caller unstages it.
+func WriteFile(path string, data []byte) error {
+	return writeSync(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, data, 0)
+}
+
+// WriteAt writes data at offset off of an existing file or block device and
+// fsyncs it.
+func WriteAt(path string, data []byte, off int64) error {
+	return writeSync(path, os.O_WRONLY, data, off)
+}
+
+func writeSync(path string, flag int, data []byte, off int64) error {
+	f, err := os.OpenFile(path, flag, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(data, off); err != nil {
+		_ = f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
 }

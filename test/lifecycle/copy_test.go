@@ -90,15 +90,15 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 			c := ctx(t)
 			origin := e.publishNew(c, "origin", 32<<20, csiclient.MountCap(fsType), nil)
 			before := randomBytes(t, 1<<20)
-			if err := writeFile(filepath.Join(origin.Target, "before"), before); err != nil {
+			if err := csiclient.WriteFile(filepath.Join(origin.Target, "before"), before); err != nil {
 				t.Fatal(err)
 			}
 			snap := e.snapshot(c, "snap", origin.ID)
 			after := randomBytes(t, 1<<20)
-			if err := writeFile(filepath.Join(origin.Target, "after"), after); err != nil {
+			if err := csiclient.WriteFile(filepath.Join(origin.Target, "after"), after); err != nil {
 				t.Fatal(err)
 			}
-			if err := writeFile(filepath.Join(origin.Target, "before"), after); err != nil { // overwrite
+			if err := csiclient.WriteFile(filepath.Join(origin.Target, "before"), after); err != nil { // overwrite
 				t.Fatal(err)
 			}
 
@@ -117,7 +117,7 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 				t.Fatal("clone does not hold the origin's data")
 			}
 			// The three filesystems are mounted at once and independent.
-			if err := writeFile(filepath.Join(clone.Target, "clone-only"), before); err != nil {
+			if err := csiclient.WriteFile(filepath.Join(clone.Target, "clone-only"), before); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := os.Stat(filepath.Join(origin.Target, "clone-only")); !os.IsNotExist(err) {
@@ -173,7 +173,7 @@ func TestOnlineExpansion(t *testing.T) {
 			c := ctx(t)
 			v := e.publishNew(c, "grow", 0, csiclient.MountCap(fsType), nil)
 			data := randomBytes(t, 1<<20)
-			if err := writeFile(filepath.Join(v.Target, "data"), data); err != nil {
+			if err := csiclient.WriteFile(filepath.Join(v.Target, "data"), data); err != nil {
 				t.Fatal(err)
 			}
 			before := statfsTotal(t, v.Target)
@@ -316,7 +316,7 @@ func TestSnapshotSpaceByPoolFilesystem(t *testing.T) {
 			e := newEnvWithPool(t, dir, poolDir)
 			c := ctx(t)
 			v := e.publishNew(c, "big", volSize, csiclient.BlockCap(), nil)
-			if err := writeAt(v.Target, randomBytes(t, int(dataSize)), 0); err != nil {
+			if err := csiclient.WriteAt(v.Target, randomBytes(t, int(dataSize)), 0); err != nil {
 				t.Fatal(err)
 			}
 			before := usedBytes(t, poolDir)

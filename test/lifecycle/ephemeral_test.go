@@ -48,7 +48,7 @@ func TestEphemeralVolume(t *testing.T) {
 		}
 	})
 	data := randomBytes(t, 1<<20)
-	if err := writeFile(filepath.Join(target, "scratch"), data); err != nil {
+	if err := csiclient.WriteFile(filepath.Join(target, "scratch"), data); err != nil {
 		t.Fatal(err)
 	}
 	if got := statfsTotal(t, target); got < 36<<20 || got > 48<<20 {

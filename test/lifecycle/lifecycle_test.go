@@ -128,7 +128,7 @@ func TestFilesystemDataSurvivesRestageAndRestart(t *testing.T) {
 				t.Fatal(err)
 			}
 			data := randomBytes(t, 3<<20)
-			if err := writeFile(filepath.Join(v.Target, "data"), data); err != nil {
+			if err := csiclient.WriteFile(filepath.Join(v.Target, "data"), data); err != nil {
 				t.Fatal(err)
 			}
 			stats, err := e.c.NodeGetVolumeStats(c, &csi.NodeGetVolumeStatsRequest{VolumeId: v.ID, VolumePath: v.Target})
@@ -206,7 +206,7 @@ func TestBlockDataSurvivesRestageAndRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	data := randomBytes(t, 1<<20)
-	if err := writeAt(v.Target, data, 5<<20); err != nil {
+	if err := csiclient.WriteAt(v.Target, data, 5<<20); err != nil {
 		t.Fatal(err)
 	}
 	stats, err := e.c.NodeGetVolumeStats(c, &csi.NodeGetVolumeStatsRequest{VolumeId: v.ID, VolumePath: v.Target})
@@ -293,38 +293,6 @@ func assertDetached(t *testing.T, e *env, v *csiclient.Volume) {
 	}
 }
 
-func writeFile(path string, data []byte) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	return f.Close()
-}
-
-func writeAt(path string, data []byte, off int64) error {
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	if _, err := f.WriteAt(data, off); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	return f.Close()
-}
-
 // A stage interrupted between attaching the loop device and mounting it
 // leaves a loop device nothing uses: the restarted node plugin detaches it,
 // and keeps the devices that staged volumes still use.
@@ -363,7 +331,7 @@ func TestRestartDetachesOrphanLoopDevices(t *testing.T) {
 	if _, err := os.Stat(staged.Target); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeAt(staged.Target, []byte("still here"), 0); err != nil {
+	if err := csiclient.WriteAt(staged.Target, []byte("still here"), 0); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -383,7 +351,7 @@ func TestReadOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	data := randomBytes(t, 4096)
-	if err := writeFile(filepath.Join(v.Target, "data"), data); err != nil {
+	if err := csiclient.WriteFile(filepath.Join(v.Target, "data"), data); err != nil {
 		t.Fatal(err)
 	}
 	roTarget := filepath.Join(e.dir, "ro-view")
@@ -392,7 +360,7 @@ func TestReadOnly(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeFile(filepath.Join(roTarget, "x"), data); !errors.Is(err, unix.EROFS) {
+	if err := csiclient.WriteFile(filepath.Join(roTarget, "x"), data); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("writing through a read-only publish: %v, want EROFS", err)
 	}
 	if _, err := e.c.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: v.ID, TargetPath: roTarget}); err != nil {
@@ -421,7 +389,7 @@ func TestReadOnly(t *testing.T) {
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("reading a read-only volume: %v", err)
 	}
-	if err := writeFile(filepath.Join(v.Target, "x"), data); !errors.Is(err, unix.EROFS) {
+	if err := csiclient.WriteFile(filepath.Join(v.Target, "x"), data); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("writing to a read-only attachment: %v, want EROFS", err)
 	}
 }

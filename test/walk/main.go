@@ -76,7 +76,7 @@ func walk(endpoint, dir, fsType string) error {
 	if err := step("NodeStage (attach loop, mkfs."+fsType+", mount) + NodePublish", func() error { return c.StageAndPublish(ctx, v) }); err != nil {
 		return err
 	}
-	if err := step("write "+file, func() error { return writeSync(file, msg) }); err != nil {
+	if err := step("write "+file, func() error { return csiclient.WriteFile(file, msg) }); err != nil {
 		return err
 	}
 	if err := step("NodeUnpublish + NodeUnstage (detach loop)", func() error { return c.UnpublishAndUnstage(ctx, v) }); err != nil {
@@ -124,20 +124,4 @@ func walk(endpoint, dir, fsType string) error {
 	}
 	fmt.Println("walk complete: the bytes written before unstaging were read back after staging again")
 	return nil
-}
-
-func writeSync(path string, data []byte) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	return f.Close()
 }
