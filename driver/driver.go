@@ -21,6 +21,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/keylock"
+	"github.com/spool-csi/spool/pkg/metrics"
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/pkg/volid"
 )
@@ -47,6 +48,9 @@ type Options struct {
 	Pools             []pool.Spec
 	MaxVolumesPerNode int64
 	Version           string
+	// MetricsAddress is the TCP address to serve Prometheus metrics on
+	// (host:port); empty serves none.
+	MetricsAddress string
 }
 
 // Validate checks the options and fills in defaults.
@@ -84,6 +88,11 @@ func (o *Options) Validate() error {
 	}
 	if o.Version == "" {
 		errs = append(errs, errors.New("version must not be empty"))
+	}
+	if o.MetricsAddress != "" {
+		if _, _, err := net.SplitHostPort(o.MetricsAddress); err != nil {
+			errs = append(errs, fmt.Errorf("--metrics-address %q: want host:port, e.g. :9808 or 127.0.0.1:9808", o.MetricsAddress))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -128,7 +137,9 @@ type Driver struct {
 	// It is held only for a metadata write.
 	attachMu sync.Mutex
 
-	server *grpc.Server
+	server     *grpc.Server
+	metrics    *metrics.Metrics
+	metricsLis net.Listener
 }
 
 // New opens the pools and builds the driver. kernel may be zero in
@@ -146,6 +157,13 @@ func New(opts Options, kernel Kernel) (*Driver, error) {
 		}
 		d.pools[spec.Name] = p
 		d.poolOrder = append(d.poolOrder, spec.Name)
+	}
+	if opts.MetricsAddress != "" {
+		var attached func() (int, error)
+		if opts.serves(ModeNode) {
+			attached = d.attachedLoops
+		}
+		d.metrics = metrics.New(d.poolList(), attached)
 	}
 	if opts.serves(ModeNode) {
 		if err := d.detachOrphanLoops(); err != nil {
@@ -173,20 +191,35 @@ func (d *Driver) Run(ctx context.Context) error {
 	return d.Serve(ctx, lis)
 }
 
-// Listen creates the endpoint's socket. Callers that must know the socket
-// exists before they go on (tests, the demo) call it before Serve.
+// Listen creates the endpoint's socket, and the metrics listener when
+// metrics are on. Callers that must know the socket exists before they go
+// on (tests, the demo) call it before Serve.
 func (d *Driver) Listen() (net.Listener, error) {
 	path, err := socketPath(d.opts.Endpoint)
 	if err != nil {
 		return nil, err
 	}
+	if d.opts.MetricsAddress != "" && d.metricsLis == nil {
+		if d.metricsLis, err = net.Listen("tcp", d.opts.MetricsAddress); err != nil {
+			return nil, fmt.Errorf("listening for metrics on %s: %w", d.opts.MetricsAddress, err)
+		}
+	}
 	return listen(path)
+}
+
+// MetricsAddr is the address metrics are served on ("" when off), known
+// after Listen.
+func (d *Driver) MetricsAddr() string {
+	if d.metricsLis == nil {
+		return ""
+	}
+	return d.metricsLis.Addr().String()
 }
 
 // Serve serves the CSI services on lis until ctx is cancelled, then waits
 // for running calls and removes the socket.
 func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
-	d.server = grpc.NewServer(grpc.UnaryInterceptor(logAndMapErrors))
+	d.server = grpc.NewServer(grpc.UnaryInterceptor(d.intercept))
 	csi.RegisterIdentityServer(d.server, d)
 	if d.opts.serves(ModeController) {
 		csi.RegisterControllerServer(d.server, d)
@@ -197,17 +230,36 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	klog.InfoS("Serving CSI", "driver", d.opts.DriverName, "version", d.opts.Version, "mode", d.opts.Mode,
 		"endpoint", d.opts.Endpoint, "node", d.opts.NodeID, "pools", strings.Join(d.poolOrder, ","))
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var metricsDone chan error // nil, never ready, when metrics are off
+	if d.metricsLis != nil {
+		metricsDone = make(chan error, 1)
+		go func() { metricsDone <- d.metrics.Serve(ctx, d.metricsLis) }()
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- d.server.Serve(lis) }()
+	var err error
 	select {
 	case <-ctx.Done():
 		klog.InfoS("Shutting down: waiting for running calls")
 		d.server.GracefulStop()
 		<-errc
-		return nil
-	case err := <-errc:
-		return fmt.Errorf("serving %s: %w", d.opts.Endpoint, err)
+	case err = <-errc:
+		err = fmt.Errorf("serving %s: %w", d.opts.Endpoint, err)
+	case err = <-metricsDone:
+		d.server.Stop()
+		<-errc
+		if err == nil {
+			err = errors.New("metrics server stopped")
+		}
+		return err
 	}
+	cancel()
+	if metricsDone != nil {
+		err = errors.Join(err, <-metricsDone)
+	}
+	return err
 }
 
 // listen creates the socket readable and writable by its owner only. A
@@ -229,6 +281,15 @@ func listen(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
 	return lis, nil
+}
+
+// poolList returns the pools in configuration order.
+func (d *Driver) poolList() []*pool.Pool {
+	out := make([]*pool.Pool, 0, len(d.poolOrder))
+	for _, name := range d.poolOrder {
+		out = append(out, d.pools[name])
+	}
+	return out
 }
 
 // pool returns the named pool, or the first pool for "".

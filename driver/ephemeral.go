@@ -15,6 +15,7 @@ import (
 
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/metrics"
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/pkg/size"
 	"github.com/spool-csi/spool/pkg/volid"
@@ -220,7 +221,9 @@ func (d *Driver) deleteOrphanEphemerals() {
 			if _, err := d.kernel.Loops.Find(img); !errors.Is(err, loop.ErrNotFound) {
 				continue
 			}
-			if err := p.DeleteVolume(v.Token()); err != nil {
+			err = p.DeleteVolume(v.Token())
+			d.metrics.Reconciled(metrics.ActionDeleteEphemeral, err)
+			if err != nil {
 				klog.ErrorS(err, "Could not delete an orphaned ephemeral volume", "volume", v.Name)
 				continue
 			}

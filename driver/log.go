@@ -11,12 +11,14 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// logAndMapErrors logs every call with its secrets stripped, and turns
-// errors that carry no gRPC code (unexpected failures) into Internal.
-func logAndMapErrors(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+// intercept logs every call with its secrets stripped, counts it in the
+// metrics, and turns errors that carry no gRPC code (unexpected failures)
+// into Internal.
+func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	klog.V(4).InfoS("CSI request", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
 	resp, err := handler(ctx, req)
+	d.metrics.ObserveRequest(info.FullMethod, status.Code(err).String(), time.Since(start))
 	if err != nil {
 		st, ok := status.FromError(err)
 		if !ok {

@@ -3,6 +3,8 @@ package driver
 import (
 	"fmt"
 
+	"github.com/spool-csi/spool/pkg/metrics"
+
 	"k8s.io/klog/v2"
 )
 
@@ -29,7 +31,9 @@ func (d *Driver) detachOrphanLoops() error {
 			klog.V(2).InfoS("Keeping loop device in use", "device", dev.Path, "image", dev.BackingFile, "usedAt", users)
 			continue
 		}
-		if err := d.kernel.Loops.Detach(dev.Path); err != nil {
+		err := d.kernel.Loops.Detach(dev.Path)
+		d.metrics.Reconciled(metrics.ActionDetachLoop, err)
+		if err != nil {
 			klog.ErrorS(err, "Could not detach an unused loop device", "device", dev.Path, "image", dev.BackingFile)
 			continue
 		}
@@ -47,4 +51,20 @@ func (d *Driver) ownsImage(file string) bool {
 		}
 	}
 	return false
+}
+
+// attachedLoops counts the loop devices backed by images of this process's
+// pools.
+func (d *Driver) attachedLoops() (int, error) {
+	devs, err := d.kernel.Loops.List()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, dev := range devs {
+		if d.ownsImage(dev.BackingFile) {
+			n++
+		}
+	}
+	return n, nil
 }

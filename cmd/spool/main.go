@@ -52,6 +52,7 @@ func main() {
 	flag.StringVar(&mode, "mode", string(driver.ModeAll), "services to serve: all, controller or node")
 	flag.StringVar(&opts.DriverName, "driver-name", driver.DefaultDriverName, "CSI driver name")
 	flag.Int64Var(&opts.MaxVolumesPerNode, "max-volumes-per-node", 0, "volumes that may be attached to one node (0: no limit)")
+	flag.StringVar(&opts.MetricsAddress, "metrics-address", "", "serve Prometheus metrics at http://ADDRESS/metrics (host:port, e.g. :9808); empty: off")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Parse()
 

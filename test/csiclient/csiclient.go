@@ -125,20 +125,20 @@ func (c *Client) Delete(ctx context.Context, v *Volume, node string) error {
 // Start runs a driver in-process on opts.Endpoint until stop is called. The
 // pools are released when stop returns, so a new driver may open them again:
 // that is how tests restart the driver.
-func Start(opts driver.Options) (stop func() error, err error) {
-	d, err := driver.New(opts, driver.RealKernel())
+func Start(opts driver.Options) (d *driver.Driver, stop func() error, err error) {
+	d, err = driver.New(opts, driver.RealKernel())
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	lis, err := d.Listen()
 	if err != nil {
 		d.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Serve(ctx, lis) }()
-	return func() error {
+	return d, func() error {
 		cancel()
 		err := <-done
 		d.Close()

@@ -7,6 +7,8 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,6 +35,7 @@ type env struct {
 	t    *testing.T
 	dir  string
 	opts driver.Options
+	d    *driver.Driver
 	stop func() error
 	c    *csiclient.Client
 }
@@ -57,7 +60,7 @@ func newEnvWithPool(t *testing.T, dir, poolDir string) *env {
 
 func (e *env) start() {
 	e.t.Helper()
-	stop, err := csiclient.Start(e.opts)
+	d, stop, err := csiclient.Start(e.opts)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -65,7 +68,7 @@ func (e *env) start() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	e.stop, e.c = stop, c
+	e.d, e.stop, e.c = d, stop, c
 }
 
 func (e *env) shutdown() {
@@ -319,9 +322,14 @@ func TestRestartDetachesOrphanLoopDevices(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = loop.Detach(dev.Path) })
 
+	e.opts.MetricsAddress = "127.0.0.1:0"
 	e.restart()
 	if _, err := loop.Find(img); err == nil {
 		t.Fatalf("orphan loop device %s survived the restart", dev.Path)
+	}
+	if m := scrape(t, e.d.MetricsAddr()); !strings.Contains(m, `spool_reconcile_total{action="detach_orphan_loop",result="ok"} 1`+"\n") ||
+		!strings.Contains(m, "spool_attached_loop_devices 1\n") {
+		t.Fatalf("metrics after the restart do not show one repair and one attached device:\n%s", m)
 	}
 	stagedImg := filepath.Join(e.dir, "pool", "volumes", staged.ID[len(staged.ID)-24:], "disk.img")
 	if _, err := loop.Find(stagedImg); err != nil {
@@ -392,4 +400,25 @@ func TestReadOnly(t *testing.T) {
 	if err := csiclient.WriteFile(filepath.Join(v.Target, "x"), data); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("writing to a read-only attachment: %v, want EROFS", err)
 	}
+}
+
+// scrape returns the spool_ lines of the metrics served at addr.
+func scrape(t *testing.T, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, "spool_") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n") + "\n"
 }
