@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 IMAGE ?= spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-unit sanity run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-unit sanity run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -19,6 +19,9 @@ build: ## bin/spool
 
 test: ## unit tests, in-process csi-sanity and the data lifecycle tests (root for the last two)
 	$(GO) test -count=1 ./...
+
+test-race: ## unit and in-process sanity tests with the race detector
+	$(GO) test -race -count=1 ./pkg/... ./driver/... ./sanity/...
 
 test-unit: ## only the tests that need no root
 	$(GO) test -count=1 ./pkg/... ./driver/...
@@ -52,6 +55,9 @@ lint: vet staticcheck ## gofmt, vet, staticcheck
 fuzz: ## each fuzzer for a short bounded time
 	$(GO) test ./pkg/volid -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/size -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/fs -run '^$$' -fuzz FuzzValidateMountOptions -fuzztime $(FUZZTIME)
+	$(GO) test ./driver -run '^$$' -fuzz FuzzParseParams -fuzztime $(FUZZTIME)
+	$(GO) test ./driver -run '^$$' -fuzz FuzzVolumeSize -fuzztime $(FUZZTIME)
 
 image: ## container image (needs a container engine)
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -380,5 +381,37 @@ func TestOptionsValidate(t *testing.T) {
 		if err := o.Validate(); err == nil {
 			t.Errorf("%s: Validate succeeded", name)
 		}
+	}
+}
+
+// The CSI socket carries secrets: only its owner may connect, and a file
+// that is not a socket is never replaced.
+func TestSocketPermissions(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "csi.sock")
+	d := newTestDriver(t, newFakeKernel(), func(o *Options) { o.Endpoint = "unix://" + sock })
+	lis, err := d.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, want a socket with 0600", fi.Mode())
+	}
+	_ = lis.Close()
+
+	notSock := filepath.Join(dir, "file")
+	if err := os.WriteFile(notSock, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d2 := newTestDriver(t, newFakeKernel(), func(o *Options) { o.Endpoint = "unix://" + notSock })
+	if _, err := d2.Listen(); err == nil {
+		t.Fatal("Listen replaced a regular file")
+	}
+	if b, _ := os.ReadFile(notSock); string(b) != "keep" {
+		t.Fatal("the regular file was changed")
 	}
 }

@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -67,4 +68,44 @@ func TestSocketPath(t *testing.T) {
 			t.Errorf("socketPath(%q) succeeded", bad)
 		}
 	}
+}
+
+func FuzzParseParams(f *testing.F) {
+	f.Add("pool", "fast", "provisioning", "thick")
+	f.Add("pool", "../../etc", "csi.storage.k8s.io/pvc/name", "x")
+	f.Add("provisioning", "THIN", "", "")
+	f.Fuzz(func(t *testing.T, k1, v1, k2, v2 string) {
+		p, err := parseParams(map[string]string{k1: v1, k2: v2})
+		if err != nil {
+			if status.Code(err) != codes.InvalidArgument {
+				t.Fatalf("parseParams error with code %s: %v", status.Code(err), err)
+			}
+			return
+		}
+		if p.pool != "" && (len(p.pool) > 32 || strings.ContainsAny(p.pool, "/.:\\x00")) {
+			t.Fatalf("accepted unsafe pool %q", p.pool)
+		}
+		if p.provisioning != pool.Thin && p.provisioning != pool.Thick {
+			t.Fatalf("accepted provisioning %q", p.provisioning)
+		}
+	})
+}
+
+func FuzzVolumeSize(f *testing.F) {
+	f.Add(int64(0), int64(0), "")
+	f.Add(int64(1<<62), int64(0), "xfs")
+	f.Add(int64(-1), int64(5), "btrfs")
+	f.Add(int64(1<<63-1), int64(1<<63-1), "ext4")
+	f.Fuzz(func(t *testing.T, req, lim int64, fsType string) {
+		n, err := volumeSize(&csi.CapacityRange{RequiredBytes: req, LimitBytes: lim}, fsType)
+		if err != nil {
+			if c := status.Code(err); c != codes.InvalidArgument && c != codes.OutOfRange {
+				t.Fatalf("volumeSize error with code %s: %v", c, err)
+			}
+			return
+		}
+		if n <= 0 || n%(1<<20) != 0 || n < req || (lim > 0 && n > lim) {
+			t.Fatalf("volumeSize(%d, %d, %q) = %d", req, lim, fsType, n)
+		}
+	})
 }

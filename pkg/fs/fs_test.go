@@ -3,6 +3,7 @@ package fs
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -81,4 +82,22 @@ func TestMakeDirAndFileRefuseSymlinks(t *testing.T) {
 	if err := MakeDir(filepath.Join(dir, "new")); err != nil {
 		t.Fatalf("MakeDir is not idempotent: %v", err)
 	}
+}
+
+func FuzzValidateMountOptions(f *testing.F) {
+	for _, s := range []string{"noatime", "ro,bind", "data=journal", "x-mount.mkdir", "remount", "a b"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, opt string) {
+		if ValidateMountOptions([]string{opt}) != nil {
+			return
+		}
+		if strings.ContainsAny(opt, ", \t\n\x00\"'\\") || opt == "" {
+			t.Fatalf("accepted option %q that could smuggle more options", opt)
+		}
+		name, _, _ := strings.Cut(opt, "=")
+		if forbiddenOptions[name] {
+			t.Fatalf("accepted forbidden option %q", opt)
+		}
+	})
 }

@@ -1,0 +1,205 @@
+package lifecycle
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/spool-csi/spool/test/csiclient"
+)
+
+// treeDigest hashes every path, mode and file content under dir.
+func treeDigest(t *testing.T, dir string) string {
+	t.Helper()
+	var lines []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		line := p + " " + fi.Mode().String()
+		if fi.Mode().IsRegular() {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			sum := sha256.Sum256(b)
+			line += " " + hex.EncodeToString(sum[:])
+		}
+		lines = append(lines, line)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(lines)
+	sum := sha256.Sum256([]byte(strings.Join(lines, "\n")))
+	return hex.EncodeToString(sum[:])
+}
+
+// Hostile IDs, names and paths in every RPC field that carries one get
+// InvalidArgument or NotFound (or the idempotent OK of a delete), and
+// nothing outside the pool changes.
+func TestHostileInput(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	// A real volume, so that IDs built from its parts reach deep code.
+	v := e.publishNew(c, "real", 16<<20, csiclient.MountCap("ext4"), nil)
+	// The sentinel lies next to the pool, where "../" from a volume's
+	// directory would lead.
+	sentinel := filepath.Join(e.dir, "sentinel")
+	for _, f := range []string{"a/secret", "b/c/data", "volumes/000000000000000000000000/disk.img"} {
+		p := filepath.Join(sentinel, f)
+		if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte("sentinel "+f), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := treeDigest(t, sentinel)
+	poolBefore := treeDigest(t, filepath.Join(e.dir, "pool", "volumes"))
+
+	prefix := v.ID[:len(v.ID)-24]
+	ids := []string{
+		"../sentinel", "../../sentinel/a/secret", sentinel, "/etc/passwd", ".", "..", "", "%2e%2e%2fsentinel",
+		prefix + "../../../sentinel", prefix + "000000000000000000000000/../../sentinel", prefix + "snap-../../sentinel",
+		"default:lifecycle-node:" + strings.Repeat("0", 23) + "\x00", "default:lifecycle-node:..%2f..%2fsentinel",
+		"default:../../sentinel:000000000000000000000000", "../../sentinel:node:000000000000000000000000",
+		strings.Repeat("A", 5000), "default:lifecycle-node:0000000000000000000000/0", "名前:ノード:000000000000000000000000",
+		"a\nb", v.ID + "/..", v.ID + "\x00",
+	}
+	badPaths := []string{"", "relative/path", "../sentinel", "sentinel/../..", "\x00", strings.Repeat("/x", 3000)}
+	mc := csiclient.MountCap("ext4")
+	ok := func(err error, allowOK bool) bool {
+		switch status.Code(err) {
+		case codes.InvalidArgument, codes.NotFound:
+			return true
+		case codes.OK:
+			return allowOK
+		}
+		return false
+	}
+	check := func(what, in string, err error, allowOK bool) {
+		t.Helper()
+		if !ok(err, allowOK) {
+			t.Errorf("%s(%q): %v, want InvalidArgument or NotFound", what, in, err)
+		}
+	}
+	for _, id := range ids {
+		_, err := e.c.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: id})
+		check("DeleteVolume", id, err, true)
+		_, err = e.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: id, NodeId: node, VolumeCapability: mc})
+		check("ControllerPublishVolume", id, err, false)
+		_, err = e.c.ControllerUnpublishVolume(c, &csi.ControllerUnpublishVolumeRequest{VolumeId: id, NodeId: node})
+		check("ControllerUnpublishVolume", id, err, true)
+		_, err = e.c.ValidateVolumeCapabilities(c, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: []*csi.VolumeCapability{mc}})
+		check("ValidateVolumeCapabilities", id, err, false)
+		_, err = e.c.ControllerExpandVolume(c, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}})
+		check("ControllerExpandVolume", id, err, false)
+		_, err = e.c.ControllerGetVolume(c, &csi.ControllerGetVolumeRequest{VolumeId: id})
+		check("ControllerGetVolume", id, err, false)
+		_, err = e.c.ControllerModifyVolume(c, &csi.ControllerModifyVolumeRequest{VolumeId: id, MutableParameters: map[string]string{"provisioning": "thick"}})
+		check("ControllerModifyVolume", id, err, false)
+		_, err = e.c.ControllerGetVolumeHealth(c, &csi.ControllerGetVolumeHealthRequest{VolumeId: id})
+		check("ControllerGetVolumeHealth", id, err, false)
+		_, err = e.c.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(e.dir, "hs"), VolumeCapability: mc, PublishContext: v.PublishContext})
+		check("NodeStageVolume", id, err, false)
+		_, err = e.c.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(e.dir, "hs")})
+		check("NodeUnstageVolume", id, err, false)
+		_, err = e.c.NodePublishVolume(c, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: v.Staging, TargetPath: filepath.Join(e.dir, "ht"), VolumeCapability: mc, PublishContext: v.PublishContext})
+		check("NodePublishVolume", id, err, false)
+		_, err = e.c.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: filepath.Join(e.dir, "ht")})
+		check("NodeUnpublishVolume", id, err, true) // a vanished ephemeral volume unpublishes fine
+		_, err = e.c.NodeGetVolumeStats(c, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: v.Target})
+		check("NodeGetVolumeStats", id, err, false)
+		_, err = e.c.NodeExpandVolume(c, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: v.Target})
+		check("NodeExpandVolume", id, err, false)
+		_, err = e.c.NodeGetVolumeHealth(c, &csi.NodeGetVolumeHealthRequest{VolumeId: id})
+		check("NodeGetVolumeHealth", id, err, false)
+		_, err = e.c.CreateSnapshot(c, &csi.CreateSnapshotRequest{Name: "hostile", SourceVolumeId: id})
+		check("CreateSnapshot", id, err, false)
+		_, err = e.c.DeleteSnapshot(c, &csi.DeleteSnapshotRequest{SnapshotId: id})
+		check("DeleteSnapshot", id, err, true)
+		_, err = e.c.GetSnapshot(c, &csi.GetSnapshotRequest{SnapshotId: id})
+		check("GetSnapshot", id, err, false)
+		for _, src := range []*csi.VolumeContentSource{
+			{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: id}}},
+			{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: id}}},
+		} {
+			_, err = e.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "hostile-copy", VolumeCapabilities: []*csi.VolumeCapability{mc}, VolumeContentSource: src})
+			check("CreateVolume from", id, err, false)
+		}
+		// Ephemeral volume IDs come from the kubelet: hostile ones are refused.
+		_, err = e.c.NodePublishVolume(c, ephemeralPublish(id, filepath.Join(e.dir, "he"), nil))
+		if id != "" && isKubeletSafe(id) {
+			_, _ = e.c.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: filepath.Join(e.dir, "he")})
+		} else {
+			check("NodePublishVolume (ephemeral)", id, err, false)
+		}
+	}
+	for _, p := range badPaths {
+		_, err := e.c.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: v.ID, StagingTargetPath: p, VolumeCapability: mc, PublishContext: v.PublishContext})
+		check("NodeStageVolume staging path", p, err, false)
+		_, err = e.c.NodePublishVolume(c, &csi.NodePublishVolumeRequest{VolumeId: v.ID, StagingTargetPath: v.Staging, TargetPath: p, VolumeCapability: mc, PublishContext: v.PublishContext})
+		check("NodePublishVolume target path", p, err, false)
+		_, err = e.c.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: v.ID, TargetPath: p})
+		check("NodeUnpublishVolume target path", p, err, false)
+	}
+	for _, prm := range []map[string]string{{"pool": "../sentinel"}, {"pool": sentinel}, {"provisioning": "../x"}, {"../x": "y"}} {
+		_, err := e.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "hostile-params", VolumeCapabilities: []*csi.VolumeCapability{mc}, Parameters: prm})
+		check("CreateVolume parameters", prm[""], err, false)
+	}
+	for _, flags := range [][]string{{"ro,bind"}, {"remount"}, {"x-mount.mkdir=/tmp/x"}, {"defaults\x00"}} {
+		_, err := e.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "hostile-flags", VolumeCapabilities: []*csi.VolumeCapability{csiclient.MountCap("ext4", flags...)}})
+		check("CreateVolume mount flags", strings.Join(flags, " "), err, false)
+	}
+	// Names are never path elements: a hostile name makes an ordinary volume.
+	hv, err := e.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "../../sentinel/a", VolumeCapabilities: []*csi.VolumeCapability{mc}, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.DeleteVolume(context.Background(), &csi.DeleteVolumeRequest{VolumeId: hv.GetVolume().GetVolumeId()}); err != nil {
+		t.Fatal(err)
+	}
+
+	if after := treeDigest(t, sentinel); after != before {
+		t.Fatal("the sentinel tree outside the pool changed")
+	}
+	if after := treeDigest(t, filepath.Join(e.dir, "pool", "volumes")); after != poolBefore {
+		t.Fatal("the pool's volumes changed")
+	}
+	for _, p := range []string{"hs", "ht", "he"} {
+		if _, err := os.Lstat(filepath.Join(e.dir, p)); err == nil && p != "he" {
+			t.Errorf("a refused call left %s behind", p)
+		}
+	}
+}
+
+// isKubeletSafe reports whether id would be accepted as an ephemeral volume
+// ID (letters, digits, '.', '_', '-').
+func isKubeletSafe(id string) bool {
+	if len(id) == 0 || len(id) > 128 {
+		return false
+	}
+	for i, r := range id {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || (i > 0 && strings.ContainsRune("._-", r))
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
