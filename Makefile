@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 IMAGE ?= spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-race test-unit sanity run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-faults test-unit sanity run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -22,6 +22,9 @@ test: ## unit tests, in-process csi-sanity and the data lifecycle tests (root fo
 
 test-race: ## unit and in-process sanity tests with the race detector
 	$(GO) test -race -count=1 ./pkg/... ./driver/... ./sanity/...
+
+test-faults: ## kill the driver at every fault point and 200 random moments, restart, retry, check (root)
+	$(GO) test -tags faults -count=1 -timeout 20m -v ./test/faults 2>&1 | grep -E '^(=== RUN|--- |PASS|FAIL|ok|fault injection:|\s+faults_test.go)'; exit $${PIPESTATUS[0]}
 
 test-unit: ## only the tests that need no root
 	$(GO) test -count=1 ./pkg/... ./driver/...

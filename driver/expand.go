@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/pool"
 )
@@ -102,6 +103,7 @@ func (d *Driver) NodeExpandVolume(_ context.Context, req *csi.NodeExpandVolumeRe
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "refreshing the size of %s: %v", nv.dev.Path, err)
 	}
+	faults.Point("nodeexpand-capacity-set")
 	mounts, err := d.kernel.Mounter.Mounts()
 	if err != nil {
 		return nil, err

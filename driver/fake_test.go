@@ -88,6 +88,8 @@ func (k *fakeKernel) Resize(string, string) error                { return nil }
 func (k *fakeKernel) GrowUnmounted(string, string) (bool, error) { return false, nil }
 func (k *fakeKernel) NewUUID(string, string) error               { return nil }
 
+func (k *fakeKernel) Thaw(string) (bool, error) { return false, nil }
+
 func (k *fakeKernel) Freeze(string) (func() error, error) {
 	return func() error { return nil }, nil
 }

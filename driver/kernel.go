@@ -30,6 +30,7 @@ type Mounter interface {
 	GrowUnmounted(device, fsType string) (bool, error)
 	NewUUID(device, fsType string) error
 	Freeze(path string) (thaw func() error, err error)
+	Thaw(path string) (bool, error)
 }
 
 // Kernel bundles the node's edges.
@@ -55,6 +56,7 @@ func (realLoops) SetCapacity(devPath string) (int64, error) {
 type realMounter struct{ *fs.Mounter }
 
 func (realMounter) Freeze(path string) (func() error, error) { return fs.Freeze(path) }
+func (realMounter) Thaw(path string) (bool, error)           { return fs.Thaw(path) }
 
 // RealKernel returns the edges backed by the running kernel.
 func RealKernel() Kernel {

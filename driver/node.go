@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
@@ -201,6 +202,7 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		}
 		nv.dev, attached = dev, true
 		klog.V(2).InfoS("Attached loop device", "volumeID", id, "device", dev.Path, "directIO", dev.DirectIO, "readonly", ro)
+		faults.Point("stage-attached")
 	}
 	if block {
 		err = d.stageBlock(nv, staging)
@@ -215,6 +217,7 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		}
 		return nil, err
 	}
+	faults.Point("stage-mounted")
 	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging, "block", block)
 	return &csi.NodeStageVolumeResponse{}, nil
 }
@@ -391,6 +394,7 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 		if users := deviceUsers(mounts, nv.dev); len(users) > 0 {
 			return nil, preconditionf("volume %s is still published at %v: NodeUnpublishVolume it first", id, users)
 		}
+		faults.Point("unstage-unmounted")
 		if err := d.kernel.Loops.Detach(nv.dev.Path); err != nil {
 			return nil, status.Errorf(codes.Internal, "detaching %s from %s: %v", nv.dev.Path, id, err)
 		}
@@ -468,6 +472,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "target path: %v", err)
 	}
+	faults.Point("publish-target-made")
 	if err := d.kernel.Mounter.BindMount(source, target, ro); err != nil {
 		return nil, status.Errorf(codes.Internal, "publishing %s: %v", id, err)
 	}

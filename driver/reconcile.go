@@ -3,6 +3,8 @@ package driver
 import (
 	"fmt"
 
+	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/metrics"
 
 	"k8s.io/klog/v2"
@@ -29,6 +31,7 @@ func (d *Driver) detachOrphanLoops() error {
 		}
 		if users := deviceUsers(mounts, &dev); len(users) > 0 {
 			klog.V(2).InfoS("Keeping loop device in use", "device", dev.Path, "image", dev.BackingFile, "usedAt", users)
+			d.thawIfFrozen(mounts, &dev)
 			continue
 		}
 		err := d.kernel.Loops.Detach(dev.Path)
@@ -40,6 +43,27 @@ func (d *Driver) detachOrphanLoops() error {
 		klog.InfoS("Detached loop device that nothing used (left by an interrupted stage or unstage)", "device", dev.Path, "image", dev.BackingFile)
 	}
 	return nil
+}
+
+// thawIfFrozen thaws the filesystem of dev if a snapshot or clone was
+// interrupted while it was frozen: the kernel keeps it frozen after the
+// process that froze it died, and every write in the pod would hang.
+func (d *Driver) thawIfFrozen(mounts []fs.MountInfo, dev *loop.Device) {
+	for _, m := range mounts {
+		if !fs.IsDeviceMount(m, dev.Path, dev.Rdev) {
+			continue
+		}
+		thawed, err := d.kernel.Mounter.Thaw(m.MountPoint)
+		if thawed || err != nil {
+			d.metrics.Reconciled(metrics.ActionThaw, err)
+		}
+		if err != nil {
+			klog.ErrorS(err, "Could not thaw a filesystem", "device", dev.Path, "mount", m.MountPoint)
+		} else if thawed {
+			klog.InfoS("Thawed a filesystem left frozen by an interrupted snapshot or clone", "device", dev.Path, "mount", m.MountPoint)
+		}
+		return // freezing is per filesystem: one mount point thaws them all
+	}
 }
 
 // ownsImage reports whether file is a volume image of one of this

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 	"k8s.io/klog/v2"
 
+	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
@@ -130,6 +131,7 @@ func (d *Driver) freezeStaged(p *pool.Pool, tokens []string) (func() error, erro
 				return func() error { return nil }, status.Errorf(codes.Internal, "freezing volume for a consistent snapshot: %v", err)
 			}
 			thaws = append(thaws, thaw)
+			faults.Point("snapshot-frozen")
 			break // one mount of a filesystem freezes it everywhere
 		}
 	}

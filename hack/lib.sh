@@ -10,7 +10,9 @@ spool_start() {
     --pool "default=$dir/pool" "$@" >"$dir/spool.log" 2>&1 &
   SPOOL_PID=$!
   for _ in $(seq 100); do
-    [ -S "$dir/csi.sock" ] && return 0
+    # The socket file appears a moment before the driver listens on it:
+    # wait for the log line that says it serves.
+    [ -S "$dir/csi.sock" ] && grep -q '"Serving CSI"' "$dir/spool.log" && return 0
     kill -0 "$SPOOL_PID" 2>/dev/null || { cat "$dir/spool.log"; echo "spool exited during start" >&2; return 1; }
     sleep 0.1
   done

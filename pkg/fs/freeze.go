@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -36,4 +37,22 @@ func Freeze(path string) (thaw func() error, err error) {
 		klog.V(4).InfoS("Thawed filesystem", "path", path)
 		return nil
 	}, nil
+}
+
+// Thaw thaws the filesystem mounted at path if it is frozen, and reports
+// whether it was. A filesystem frozen by a process that died stays frozen,
+// even after it is unmounted, until someone thaws it.
+func Thaw(path string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, fmt.Errorf("opening %s to thaw it: %w", path, err)
+	}
+	defer func() { _ = f.Close() }()
+	if err := unix.IoctlSetInt(int(f.Fd()), fithaw, 0); err != nil {
+		if errors.Is(err, unix.EINVAL) { // not frozen
+			return false, nil
+		}
+		return false, fmt.Errorf("thawing %s: %w", path, err)
+	}
+	return true, nil
 }

@@ -25,6 +25,7 @@ const namespace = "spool"
 const (
 	ActionDetachLoop      = "detach_orphan_loop"
 	ActionDeleteEphemeral = "delete_orphan_ephemeral"
+	ActionThaw            = "thaw_frozen_filesystem"
 )
 
 // Metrics holds the driver's metrics. A nil *Metrics records nothing, so

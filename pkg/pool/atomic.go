@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/spool-csi/spool/pkg/faults"
 )
 
 // writeFileAtomic replaces path with data so that a crash leaves either the
@@ -35,6 +37,7 @@ func writeFileAtomic(path string, data []byte) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("closing %s: %w", tmp, err)
 	}
+	faults.Point("meta-temp-written")
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("renaming %s to %s: %w", tmp, path, err)
 	}
@@ -65,6 +68,7 @@ func commitDir(tmp, final, metaName string, meta any) error {
 	if err := writeFileAtomic(filepath.Join(tmp, metaName), data); err != nil {
 		return err
 	}
+	faults.Point("commit-meta-written")
 	if err := os.Rename(tmp, final); err != nil {
 		return fmt.Errorf("renaming %s into place: %w", tmp, err)
 	}

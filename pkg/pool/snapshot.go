@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/imagecopy"
 	"github.com/spool-csi/spool/pkg/volid"
 )
@@ -126,6 +127,7 @@ func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage string) 
 		return fmt.Errorf("copying %s: %w", s.SourceVolumeID, err)
 	}
 	s.Method = string(method)
+	faults.Point("snapshot-copied")
 	if err := os.Chmod(img, 0o400); err != nil {
 		return fmt.Errorf("making %s read-only: %w", img, err)
 	}

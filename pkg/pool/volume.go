@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/imagecopy"
 	"github.com/spool-csi/spool/pkg/size"
 	"github.com/spool-csi/spool/pkg/volid"
@@ -206,6 +207,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 	if err := p.build(ctx, &v, srcImage); err != nil {
 		return Volume{}, false, err
 	}
+	faults.Point("create-renamed")
 	klog.V(2).InfoS("Created volume", "pool", p.name, "volumeID", v.ID, "name", v.Name, "bytes", v.CapacityBytes, "provisioning", v.Provisioning)
 	return v, true, nil
 }
@@ -231,6 +233,7 @@ func (p *Pool) build(ctx context.Context, v *Volume, srcImage string) (err error
 	if err != nil {
 		return err
 	}
+	faults.Point("create-image-written")
 	return commitDir(tmp, p.volumeDir(v.token), metaFile, v)
 }
 
@@ -380,6 +383,7 @@ func (p *Pool) DeleteVolume(token string) error {
 	if err := syncDir(filepath.Join(p.root, volumesDir)); err != nil {
 		return err
 	}
+	faults.Point("delete-trashed")
 	p.mu.Lock()
 	delete(p.vols, token)
 	p.provisioned -= v.CapacityBytes
@@ -426,6 +430,7 @@ func (p *Pool) ExpandVolume(token string, n int64) (Volume, error) {
 	if err := resizeImage(filepath.Join(p.volumeDir(token), imageFile), n, v.Provisioning); err != nil {
 		return Volume{}, err
 	}
+	faults.Point("expand-image-grown")
 	v, err = p.Update(token, func(v *Volume) error {
 		v.CapacityBytes = max(v.CapacityBytes, n)
 		return nil
