@@ -601,7 +601,9 @@ func TestRandomKills(t *testing.T) {
 		n = 20
 	}
 	interruptedAt := map[int]int{}
-	defer func() { t.Logf("kills by the workload step they interrupted (%d = after the last): %v", len(h.workload(0)), interruptedAt) }()
+	defer func() {
+		t.Logf("kills by the workload step they interrupted (%d = after the last): %v", len(h.workload(0)), interruptedAt)
+	}()
 	for i := range n {
 		steps := h.workload(i)
 		done := make(chan int, 1)
