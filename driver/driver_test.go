@@ -415,3 +415,34 @@ func TestSocketPermissions(t *testing.T) {
 		t.Fatal("the regular file was changed")
 	}
 }
+
+func TestControllerExpandCodes(t *testing.T) {
+	d := newTestDriver(t, newFakeKernel())
+	ctx := context.Background()
+	r, err := d.CreateVolume(ctx, createReq("grow", 64<<20, mountCap("ext4")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetVolume().GetVolumeId()
+	exp := func(req, lim int64) (*csi.ControllerExpandVolumeResponse, error) {
+		return d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: req, LimitBytes: lim}})
+	}
+	if r, err := exp(32<<20, 0); err != nil || r.GetCapacityBytes() != 64<<20 {
+		t.Fatalf("asking for less than the volume has: %v %v, want the current size", r, err)
+	}
+	_, err = exp(32<<20, 48<<20)
+	wantCode(t, err, codes.OutOfRange) // a limit below the current size would shrink it
+	_, err = exp(-1, 0)
+	wantCode(t, err, codes.InvalidArgument)
+	_, err = exp(2<<30, 0)
+	wantCode(t, err, codes.ResourceExhausted) // the pool holds 1 GiB
+	_, err = exp(128<<20, 100<<20)
+	wantCode(t, err, codes.OutOfRange)
+	if r, err := exp(100<<20+1, 0); err != nil || r.GetCapacityBytes() != 101<<20 || !r.GetNodeExpansionRequired() {
+		t.Fatalf("growing: %v %v", r, err)
+	}
+	_, err = d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id})
+	wantCode(t, err, codes.InvalidArgument)
+	_, err = d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: "default:node-1:000000000000000000000000", CapacityRange: &csi.CapacityRange{RequiredBytes: 1}})
+	wantCode(t, err, codes.NotFound)
+}

@@ -48,6 +48,9 @@ func (d *Driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerEx
 // expandImage grows the image to the size the range asks for. Shrinking is
 // refused; a volume that is already large enough is left as it is.
 func (d *Driver) expandImage(p *pool.Pool, token string, r *csi.CapacityRange) (pool.Volume, error) {
+	if r.GetRequiredBytes() < 0 || r.GetLimitBytes() < 0 {
+		return pool.Volume{}, invalidf("capacity range must not be negative (required %d, limit %d)", r.GetRequiredBytes(), r.GetLimitBytes())
+	}
 	v, err := p.Get(token)
 	if err != nil {
 		return pool.Volume{}, err
