@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 IMAGE ?= spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-race test-faults test-unit sanity run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-faults test-unit sanity bench run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -42,6 +42,9 @@ run: build ## start the driver on a temp pool, walk one volume through its life,
 
 demo: build ## the walk of `make run`, then stop
 	hack/run.sh --once
+
+bench: build ## benchmark bin/spool and write docs/performance.md (root, a few minutes)
+	hack/bench.sh
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
