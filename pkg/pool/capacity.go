@@ -6,6 +6,10 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/spool-csi/spool/pkg/size"
 )
 
 // Capacity is the pool's space, counted by provisioned bytes: a thin volume
@@ -85,3 +89,43 @@ func (p *Pool) allocated(token string) int64 {
 
 // AllocatedBytes returns the bytes the volume's image occupies on disk.
 func (p *Pool) AllocatedBytes(token string) int64 { return p.allocated(token) }
+
+// reserve sets aside n bytes of the pool's capacity for a volume being
+// created or grown; release gives them back once the volume's own size
+// counts them. The filesystem's free space settles most requests without
+// looking at the images (what they occupy only ever raises the limit);
+// only a pool near its limit sums what its images occupy.
+func (p *Pool) reserve(n int64) (release func(), err error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(p.root, &st); err != nil {
+		return nil, fmt.Errorf("statfs %s: %w", p.root, err)
+	}
+	total := int64(st.Blocks) * st.Bsize
+	if p.capLimit > 0 {
+		total = p.capLimit
+	}
+	limit := min(total, int64(st.Bavail)*st.Bsize)
+	var avail int64
+	for attempt := range 2 {
+		if attempt == 1 {
+			c, err := p.Capacity()
+			if err != nil {
+				return nil, err
+			}
+			limit = c.limit
+		}
+		p.mu.Lock()
+		if avail = limit - p.provisioned - p.reserved; n <= avail {
+			p.reserved += n
+			p.mu.Unlock()
+			return func() {
+				p.mu.Lock()
+				p.reserved -= n
+				p.mu.Unlock()
+			}, nil
+		}
+		p.mu.Unlock()
+	}
+	return nil, status.Errorf(codes.ResourceExhausted, "pool %s cannot hold %s more: %s available (capacity %s)",
+		p.name, size.Format(n), size.Format(max(avail, 0)), size.Format(total))
+}

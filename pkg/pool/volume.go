@@ -138,11 +138,6 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 	if req.CapacityBytes <= 0 || req.CapacityBytes%size.MiB != 0 {
 		return Volume{}, false, status.Errorf(codes.Internal, "capacity %d is not a positive multiple of 1 MiB", req.CapacityBytes)
 	}
-	capa, err := p.Capacity()
-	if err != nil {
-		return Volume{}, false, err
-	}
-
 	p.mu.Lock()
 	if tok, ok := p.names[req.Name]; ok {
 		v := p.vols[tok].clone()
@@ -153,22 +148,18 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 		p.mu.Unlock()
 		return Volume{}, false, status.Errorf(codes.Aborted, "volume %q is being created", req.Name)
 	}
-	// Provisioned bytes and reservations may have moved since capa was
-	// computed: count them again under the lock.
-	if avail := capa.limit - p.provisioned - p.reserved; req.CapacityBytes > avail {
-		p.mu.Unlock()
-		return Volume{}, false, status.Errorf(codes.ResourceExhausted,
-			"pool %s cannot hold %s: %s available (capacity %s, %s provisioned)",
-			p.name, size.Format(req.CapacityBytes), size.Format(max(avail, 0)), size.Format(capa.Total), size.Format(capa.Provisioned))
-	}
 	p.pending[req.Name] = true
-	p.reserved += req.CapacityBytes
 	p.mu.Unlock()
-
+	release, err := p.reserve(req.CapacityBytes)
+	if err != nil {
+		p.mu.Lock()
+		delete(p.pending, req.Name)
+		p.mu.Unlock()
+		return Volume{}, false, err
+	}
 	defer func() {
 		p.mu.Lock()
 		delete(p.pending, req.Name)
-		p.reserved -= req.CapacityBytes
 		if err == nil {
 			vv := v
 			p.vols[v.token] = &vv
@@ -176,6 +167,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 			p.provisioned += v.CapacityBytes
 		}
 		p.mu.Unlock()
+		release()
 	}()
 
 	id, err := volid.New(volid.KindVolume, p.name, p.node)
@@ -407,24 +399,11 @@ func (p *Pool) ExpandVolume(token string, n int64) (Volume, error) {
 	if err != nil || n <= v.CapacityBytes {
 		return v, err
 	}
-	capa, err := p.Capacity()
+	release, err := p.reserve(n - v.CapacityBytes)
 	if err != nil {
 		return Volume{}, err
 	}
-	delta := n - v.CapacityBytes
-	p.mu.Lock()
-	if avail := capa.limit - p.provisioned - p.reserved; delta > avail {
-		p.mu.Unlock()
-		return Volume{}, status.Errorf(codes.ResourceExhausted, "pool %s cannot grow volume %s by %s: %s available",
-			p.name, v.ID, size.Format(delta), size.Format(max(avail, 0)))
-	}
-	p.reserved += delta
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		p.reserved -= delta
-		p.mu.Unlock()
-	}()
+	defer release()
 	// Image first, then metadata: a crash in between leaves an image larger
 	// than recorded, which the CO's retry of the expansion records.
 	if err := resizeImage(filepath.Join(p.volumeDir(token), imageFile), n, v.Provisioning); err != nil {
