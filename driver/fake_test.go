@@ -129,6 +129,10 @@ func (k *fakeKernel) FormatAndMount(device, target, fsType string, options, _ []
 	return nil
 }
 
+func (k *fakeKernel) MountFormatted(device, target, fsType string, options []string) error {
+	return k.FormatAndMount(device, target, fsType, options, nil)
+}
+
 func (k *fakeKernel) BindMount(source, target string, ro bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()

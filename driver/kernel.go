@@ -21,6 +21,7 @@ type LoopDevices interface {
 type Mounter interface {
 	Probe(device string) (string, error)
 	FormatAndMount(device, target, fsType string, options, formatOptions []string) error
+	MountFormatted(device, target, fsType string, options []string) error
 	BindMount(source, target string, ro bool) error
 	Unmount(target string) error
 	Mounts() ([]fs.MountInfo, error)

@@ -294,7 +294,12 @@ func (d *Driver) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fs
 			klog.V(2).InfoS("Grew filesystem before mounting it", "volumeID", nv.vol.ID, "fsType", found)
 		}
 	}
-	if err := d.kernel.Mounter.FormatAndMount(nv.dev.Path, staging, fsType, opts, nil); err != nil {
+	if found == "" {
+		err = d.kernel.Mounter.FormatAndMount(nv.dev.Path, staging, fsType, opts, nil)
+	} else {
+		err = d.kernel.Mounter.MountFormatted(nv.dev.Path, staging, found, opts)
+	}
+	if err != nil {
 		return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
 	}
 	if found == "" || found == "ext4" || ro {

@@ -2,7 +2,9 @@ package fs
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -100,4 +102,55 @@ func FuzzValidateMountOptions(f *testing.F) {
 			t.Fatalf("accepted forbidden option %q", opt)
 		}
 	})
+}
+
+// The superblock is read the way dumpe2fs reports it, and a filesystem
+// that recorded errors is recognised.
+func TestReadExt4Superblock(t *testing.T) {
+	for _, tool := range []string{"mkfs.ext4", "dumpe2fs", "tune2fs"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed", tool)
+		}
+	}
+	img := filepath.Join(t.TempDir(), "ext4.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 96<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-F", "-q", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v %s", err, out)
+	}
+	sb, err := readExt4Superblock(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("dumpe2fs", "-h", img).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := toolFields(parseToolFields(string(out), ":"), "dumpe2fs", "Block count", "Block size", "First block", "Blocks per group", "Inode blocks per group")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := []uint64{sb.blocks, sb.blockSize, sb.firstBlock, sb.blocksPerGroup, sb.inodeBlocksPerG}
+	if !slices.Equal(got, want) || sb.hasErrors {
+		t.Fatalf("superblock %v (errors %t), dumpe2fs says %v", got, sb.hasErrors, want)
+	}
+	if out, err := exec.Command("tune2fs", "-E", "force_fsck", img).CombinedOutput(); err != nil {
+		t.Fatalf("tune2fs: %v %s", err, out)
+	}
+	if sb, err := readExt4Superblock(img); err != nil || !sb.hasErrors {
+		t.Fatalf("a filesystem marked as having errors: %+v %v", sb, err)
+	}
+	if err := checkExt(img); err != nil {
+		t.Fatal(err)
+	}
+	if sb, err := readExt4Superblock(img); err != nil || sb.hasErrors {
+		t.Fatalf("after e2fsck: %+v %v", sb, err)
+	}
+	if _, err := readExt4Superblock("/dev/null"); err == nil {
+		t.Fatal("read a superblock from /dev/null")
+	}
 }

@@ -77,7 +77,7 @@ func (m *Mounter) Resize(devicePath, mountPath string) error {
 		return err
 	}
 	if format == "btrfs" {
-		size, err := deviceSize(devicePath)
+		size, err := blockDeviceSize(devicePath)
 		if err != nil {
 			return fmt.Errorf("resizing filesystem on %s: %w", devicePath, err)
 		}
@@ -124,19 +124,6 @@ func (m *Mounter) GrowUnmounted(device, fsType string) (bool, error) {
 	return true, nil
 }
 
-// deviceSize returns the size of a block device in bytes.
-func deviceSize(devicePath string) (uint64, error) {
-	out, err := runTool("blockdev", "--getsize64", devicePath)
-	if err != nil {
-		return 0, err
-	}
-	n, err := strconv.ParseUint(strings.TrimSpace(out), 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("parsing size of %s from blockdev output %q: %w", devicePath, out, err)
-	}
-	return n, nil
-}
-
 // parseToolFields parses "key<sep>value" lines into a map of unsigned integers,
 // skipping lines whose value is not a number.
 func parseToolFields(out, sep string) map[string]uint64 {
@@ -175,20 +162,12 @@ func toolFields(fields map[string]uint64, tool string, names ...string) ([]uint6
 // data blocks). Backup superblocks are left out of that overhead, so a
 // borderline tail errs towards "needs resize", where resize2fs is a no-op.
 func extNeedResize(devicePath string) (bool, error) {
-	out, err := runTool("dumpe2fs", "-h", devicePath)
+	sb, err := readExt4Superblock(devicePath)
 	if err != nil {
 		return false, err
 	}
-	v, err := toolFields(parseToolFields(out, ":"), "dumpe2fs",
-		"Block count", "Block size", "First block", "Blocks per group", "Inode blocks per group")
-	if err != nil {
-		return false, err
-	}
-	blocks, blockSize, firstBlock, perGroup, inodeBlocks := v[0], v[1], v[2], v[3], v[4]
-	if blockSize == 0 || perGroup == 0 {
-		return false, fmt.Errorf("dumpe2fs reports block size %d and %d blocks per group", blockSize, perGroup)
-	}
-	size, err := deviceSize(devicePath)
+	blocks, blockSize, firstBlock, perGroup, inodeBlocks := sb.blocks, sb.blockSize, sb.firstBlock, sb.blocksPerGroup, sb.inodeBlocksPerG
+	size, err := blockDeviceSize(devicePath)
 	if err != nil {
 		return false, err
 	}
@@ -229,7 +208,7 @@ func xfsNeedResize(devicePath, mountPath string) (bool, error) {
 	if bsize == 0 || agBlocks == 0 {
 		return false, fmt.Errorf("xfs_io reports block size %d and %d blocks per AG", bsize, agBlocks)
 	}
-	size, err := deviceSize(devicePath)
+	size, err := blockDeviceSize(devicePath)
 	if err != nil {
 		return false, err
 	}
