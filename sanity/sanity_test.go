@@ -3,7 +3,6 @@
 package sanity
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"testing"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/spool-csi/spool/driver"
 	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/test/csiclient"
 	"github.com/spool-csi/spool/test/leakcheck"
 )
 
@@ -21,29 +21,20 @@ func TestSanity(t *testing.T) {
 	leakcheck.Check(t, dir)
 
 	sock := filepath.Join(dir, "csi.sock")
-	d, err := driver.New(driver.Options{
+	_, stop, err := csiclient.Start(driver.Options{
 		Endpoint:          "unix://" + sock,
 		NodeID:            "sanity-node",
 		Pools:             []pool.Spec{{Name: "default", Dir: filepath.Join(dir, "pool")}},
 		MaxVolumesPerNode: 16,
 		Version:           "test",
-	}, driver.RealKernel())
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := d.Listen()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx, lis) }()
 	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			t.Errorf("driver: %v", err)
 		}
-		d.Close()
 	})
 
 	cfg := sanity.NewTestConfig()
