@@ -60,12 +60,29 @@ func syncDir(dir string) error {
 
 // commitDir writes meta as JSON into the object directory tmp (built under
 // .tmp) and renames tmp to final: from then on the object exists, whole.
+// Nothing else sees tmp, so the metadata file is written in place; the
+// fsync of tmp makes its entries durable before the rename publishes them.
 func commitDir(tmp, final, metaName string, meta any) error {
 	data, err := json.MarshalIndent(meta, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encoding metadata: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(tmp, metaName), data); err != nil {
+	path := filepath.Join(tmp, metaName)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating %s: %w", path, err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := syncDir(tmp); err != nil {
 		return err
 	}
 	faults.Point("commit-meta-written")
