@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -169,15 +170,11 @@ func (d *Driver) contentSource(cs *csi.VolumeContentSource) (*contentSrc, error)
 		return &contentSrc{kind: pool.SourceSnapshot, id: id, token: sid.Token, size: s.SizeBytes, pool: p}, nil
 	case cs.GetVolume() != nil:
 		id := cs.GetVolume().GetVolumeId()
-		p, vid, err := d.lookup(id)
+		p, v, err := d.getVolume(id)
 		if err != nil {
 			return nil, err
 		}
-		v, err := p.Get(vid.Token)
-		if err != nil {
-			return nil, err
-		}
-		return &contentSrc{kind: pool.SourceVolume, id: id, token: vid.Token, size: v.CapacityBytes, pool: p}, nil
+		return &contentSrc{kind: pool.SourceVolume, id: id, token: v.Token(), size: v.CapacityBytes, pool: p}, nil
 	}
 	return nil, invalidf("volume content source names neither a snapshot nor a volume")
 }
@@ -261,6 +258,17 @@ func (d *Driver) lookupKind(id string, kind volid.Kind) (*pool.Pool, volid.ID, e
 		return nil, vid, notFoundf("%s %s does not exist here: it lives on node %s", what, id, vid.Node)
 	}
 	return p, vid, nil
+}
+
+// getVolume finds a volume by ID; a volume that does not exist here is
+// NotFound.
+func (d *Driver) getVolume(id string) (*pool.Pool, pool.Volume, error) {
+	p, vid, err := d.lookup(id)
+	if err != nil {
+		return nil, pool.Volume{}, err
+	}
+	v, err := p.Get(vid.Token)
+	return p, v, err
 }
 
 // DeleteVolume deletes a volume; deleting a volume that does not exist
@@ -450,11 +458,7 @@ func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.Validate
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, invalidf("volume capabilities are missing")
 	}
-	p, vid, err := d.lookup(id)
-	if err != nil {
-		return nil, err
-	}
-	v, err := p.Get(vid.Token)
+	_, v, err := d.getVolume(id)
 	if err != nil {
 		return nil, err
 	}
@@ -480,50 +484,60 @@ func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.Validate
 // ID to resume from, so deleting or adding volumes between pages neither
 // skips nor repeats the others.
 func (d *Driver) ListVolumes(_ context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
-	if req.GetMaxEntries() < 0 {
-		return nil, invalidf("max_entries must not be negative")
+	page, next, err := d.volumePage(req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, err
 	}
-	start := req.GetStartingToken()
+	resp := &csi.ListVolumesResponse{NextToken: next}
+	for _, e := range page {
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
+			Volume: d.csiVolume(e.p, e.v),
+			Status: &csi.ListVolumesResponse_VolumeStatus{PublishedNodeIds: publishedNodes(e.v)},
+		})
+	}
+	return resp, nil
+}
+
+// poolVolume is a volume with its pool.
+type poolVolume struct {
+	p *pool.Pool
+	v pool.Volume
+}
+
+// volumePage returns up to max volumes (all for 0) of all pools in ID order,
+// from the ID start on, and the ID to resume from.
+func (d *Driver) volumePage(start string, max int32) ([]poolVolume, string, error) {
+	if max < 0 {
+		return nil, "", invalidf("max_entries must not be negative")
+	}
 	if start != "" {
 		if _, err := volid.ParseKind(start, volid.KindVolume); err != nil {
-			return nil, abortedf("starting token %q is not valid: %v", start, err)
+			return nil, "", abortedf("starting token %q is not valid: %v", start, err)
 		}
 	}
-	type entry struct {
-		p *pool.Pool
-		v pool.Volume
-	}
-	var all []entry
+	var all []poolVolume
 	for _, name := range d.poolOrder {
 		p := d.pools[name]
 		for _, v := range p.List() {
 			if v.ID >= start {
-				all = append(all, entry{p, v})
+				all = append(all, poolVolume{p, v})
 			}
 		}
 	}
-	slices.SortFunc(all, func(a, b entry) int {
-		switch {
-		case a.v.ID < b.v.ID:
-			return -1
-		case a.v.ID > b.v.ID:
-			return 1
-		}
-		return 0
-	})
-	resp := &csi.ListVolumesResponse{}
-	for i, e := range all {
-		if max := int(req.GetMaxEntries()); max > 0 && i == max {
-			resp.NextToken = e.v.ID
-			break
-		}
-		st := &csi.ListVolumesResponse_VolumeStatus{}
-		for _, a := range e.v.Attachments {
-			st.PublishedNodeIds = append(st.PublishedNodeIds, a.Node)
-		}
-		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{Volume: d.csiVolume(e.p, e.v), Status: st})
+	slices.SortFunc(all, func(a, b poolVolume) int { return strings.Compare(a.v.ID, b.v.ID) })
+	if max > 0 && len(all) > int(max) {
+		return all[:max], all[max].v.ID, nil
 	}
-	return resp, nil
+	return all, "", nil
+}
+
+// publishedNodes lists the nodes a volume is attached to.
+func publishedNodes(v pool.Volume) []string {
+	var out []string
+	for _, a := range v.Attachments {
+		out = append(out, a.Node)
+	}
+	return out
 }
 
 // GetCapacity reports what a new volume may still provision in a pool, for
@@ -565,19 +579,14 @@ func (d *Driver) ControllerGetVolume(_ context.Context, req *csi.ControllerGetVo
 	if req.GetVolumeId() == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	p, vid, err := d.lookup(req.GetVolumeId())
+	p, v, err := d.getVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
-	v, err := p.Get(vid.Token)
-	if err != nil {
-		return nil, err
-	}
-	st := &csi.ControllerGetVolumeResponse_VolumeStatus{}
-	for _, a := range v.Attachments {
-		st.PublishedNodeIds = append(st.PublishedNodeIds, a.Node)
-	}
-	return &csi.ControllerGetVolumeResponse{Volume: d.csiVolume(p, v), Status: st}, nil
+	return &csi.ControllerGetVolumeResponse{
+		Volume: d.csiVolume(p, v),
+		Status: &csi.ControllerGetVolumeResponse_VolumeStatus{PublishedNodeIds: publishedNodes(v)},
+	}, nil
 }
 
 // ControllerModifyVolume changes a volume's mutable parameters: only

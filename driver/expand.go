@@ -77,12 +77,9 @@ func (d *Driver) NodeExpandVolume(_ context.Context, req *csi.NodeExpandVolumeRe
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	if req.GetVolumePath() == "" {
-		return nil, invalidf("volume path is missing")
-	}
-	path, err := checkPath("volume path", req.GetVolumePath())
+	path, err := checkVolumePath(id, req.GetVolumePath())
 	if err != nil {
-		return nil, notFoundf("volume %s is not published at %q", id, req.GetVolumePath())
+		return nil, err
 	}
 	if c := req.GetVolumeCapability(); c != nil {
 		if err := checkCapability(c); err != nil {

@@ -145,11 +145,7 @@ func (d *Driver) ControllerGetVolumeHealth(_ context.Context, req *csi.Controlle
 	if req.GetVolumeId() == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	p, vid, err := d.lookup(req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
-	v, err := p.Get(vid.Token)
+	p, v, err := d.getVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -162,30 +158,22 @@ func (d *Driver) ControllerGetVolumeHealth(_ context.Context, req *csi.Controlle
 
 // ControllerListVolumeHealth reports the health of every volume, in ID
 // order, paged like ListVolumes.
-func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
-	lv, err := d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: req.GetMaxEntries(), StartingToken: req.GetStartingToken()})
+func (d *Driver) ControllerListVolumeHealth(_ context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
+	page, next, err := d.volumePage(req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
 	caps := map[*pool.Pool]pool.Capacity{}
-	resp := &csi.ControllerListVolumeHealthResponse{NextToken: lv.GetNextToken()}
-	for _, e := range lv.GetEntries() {
-		p, vid, err := d.lookup(e.GetVolume().GetVolumeId())
-		if err != nil {
-			continue
-		}
-		v, err := p.Get(vid.Token)
-		if err != nil {
-			continue // deleted since it was listed
-		}
-		c, ok := caps[p]
+	resp := &csi.ControllerListVolumeHealthResponse{NextToken: next}
+	for _, e := range page {
+		c, ok := caps[e.p]
 		if !ok {
-			if c, err = p.Capacity(); err != nil {
+			if c, err = e.p.Capacity(); err != nil {
 				return nil, err
 			}
-			caps[p] = c
+			caps[e.p] = c
 		}
-		resp.Entries = append(resp.Entries, &csi.VolumeHealth{VolumeId: v.ID, HealthStatuses: d.controllerHealth(p, v, c)})
+		resp.Entries = append(resp.Entries, &csi.VolumeHealth{VolumeId: e.v.ID, HealthStatuses: d.controllerHealth(e.p, e.v, c)})
 	}
 	return resp, nil
 }

@@ -101,18 +101,14 @@ func (d *Driver) lockNodeVolume(id string) (*nodeVolume, func(), error) {
 // findNodeVolume finds a volume by its Spool ID, or an ephemeral inline
 // volume by the ID the kubelet gave it.
 func (d *Driver) findNodeVolume(id string) (*pool.Pool, pool.Volume, error) {
-	p, vid, err := d.lookup(id)
-	if err != nil {
-		if isEphemeralID(id) {
-			for _, name := range d.poolOrder {
-				if v, ok := d.pools[name].GetByName(ephemeralName(id)); ok {
-					return d.pools[name], v, nil
-				}
+	p, v, err := d.getVolume(id)
+	if err != nil && isEphemeralID(id) {
+		for _, name := range d.poolOrder {
+			if v, ok := d.pools[name].GetByName(ephemeralName(id)); ok {
+				return d.pools[name], v, nil
 			}
 		}
-		return nil, pool.Volume{}, err
 	}
-	v, err := p.Get(vid.Token)
 	return p, v, err
 }
 
@@ -559,12 +555,9 @@ func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeSta
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	if req.GetVolumePath() == "" {
-		return nil, invalidf("volume path is missing")
-	}
-	path, err := checkPath("volume path", req.GetVolumePath())
+	path, err := checkVolumePath(id, req.GetVolumePath())
 	if err != nil {
-		return nil, notFoundf("volume %s is not published at %q", id, req.GetVolumePath())
+		return nil, err
 	}
 	nv, err := d.nodeLookup(id)
 	if err != nil {

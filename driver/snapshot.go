@@ -82,10 +82,8 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 // across the driver.
 func (d *Driver) snapshotByName(name string) (pool.Snapshot, bool) {
 	for _, p := range d.pools {
-		for _, s := range p.ListSnapshots() {
-			if s.Name == name {
-				return s, true
-			}
+		if s, ok := p.GetSnapshotByName(name); ok {
+			return s, true
 		}
 	}
 	return pool.Snapshot{}, false

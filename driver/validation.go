@@ -208,6 +208,21 @@ func checkPath(field, p string) (string, error) {
 	return filepath.Clean(p), nil
 }
 
+// checkVolumePath validates the volume path of NodeGetVolumeStats and
+// NodeExpandVolume: missing is InvalidArgument; a path that cannot be a
+// publish path (relative, NUL, too long) means the volume is not published
+// there, NotFound.
+func checkVolumePath(id, p string) (string, error) {
+	if p == "" {
+		return "", invalidf("volume path is missing")
+	}
+	clean, err := checkPath("volume path", p)
+	if err != nil {
+		return "", notFoundf("volume %s is not published at %q", id, p)
+	}
+	return clean, nil
+}
+
 // checkName validates a CreateVolume name.
 func checkName(name string) error {
 	if name == "" {

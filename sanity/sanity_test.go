@@ -3,7 +3,6 @@
 package sanity
 
 import (
-	"os"
 	"path/filepath"
 	"testing"
 
@@ -46,8 +45,5 @@ func TestSanity(t *testing.T) {
 	cfg.IdempotentCount = 3
 	cfg.TestNodeVolumeAttachLimit = true
 	cfg.TestVolumeMutableParameters = map[string]string{"provisioning": "thick"}
-	if err := os.MkdirAll(filepath.Join(dir, "pool"), 0o750); err != nil {
-		t.Fatal(err)
-	}
 	sanity.Test(t, cfg)
 }

@@ -145,6 +145,17 @@ func (p *Pool) GetSnapshot(token string) (Snapshot, error) {
 	return *s, nil
 }
 
+// GetSnapshotByName returns the snapshot with this name, if any.
+func (p *Pool) GetSnapshotByName(name string) (Snapshot, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	tok, ok := p.snapNames[name]
+	if !ok {
+		return Snapshot{}, false
+	}
+	return *p.snaps[tok], true
+}
+
 // ListSnapshots returns all snapshots, sorted by ID.
 func (p *Pool) ListSnapshots() []Snapshot {
 	p.mu.Lock()
