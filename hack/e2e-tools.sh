@@ -111,6 +111,16 @@ done
 build_into "$BIN/etcd" "$TOOLS_DIR" -- go.etcd.io/etcd/server/v3 ||
   die "etcd $ETCD_VERSION must build; see the output above (fallback: Debian's etcd-server package)"
 
+# The harness's own helpers from the tools module: the plugin registrar that
+# stands in for node-driver-registrar, and the pod sandbox (pause) binary.
+# They are small and ours, so they are rebuilt every time (the Go build cache
+# makes that a second).
+for cmd in spool-registrar pause; do
+  rm -f "$BIN/$cmd"
+  CGO_ENABLED=0 build_into "$BIN/$cmd" "$TOOLS_DIR" -- "./cmd/$cmd" ||
+    die "$cmd must build; see the output above"
+done
+
 # ---------------------------------------------------------------------------
 # CSI sidecars. Their go.mod files carry replace directives, so `go install
 # M@v` refuses them: copy the module out of the module cache and build there.
