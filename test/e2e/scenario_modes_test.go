@@ -1,0 +1,72 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// Scenario 5: a raw block claim used by a pod as a device.
+func TestRawBlock(t *testing.T) {
+	ns := namespace(t)
+	apply(t, pvc(ns, pvcSpec{name: "dev", class: "spool-block", size: "64Mi", mode: "Block"}))
+	out := runPod(t, ns, "writer", "dev",
+		"set -e; blockdev --getsize64 /dev/xvda; dd if=/dev/urandom of=/tmp/d bs=1M count=8 2>/dev/null;"+
+			" dd if=/tmp/d of=/dev/xvda bs=1M conv=fsync 2>/dev/null; sha256sum /tmp/d | cut -d' ' -f1", true, false)
+	if !strings.HasPrefix(out, fmt.Sprint(64<<20)) {
+		t.Errorf("the pod's device is not 64Mi: %q", out)
+	}
+	sum := checksum(t, out)
+	got := checksum(t, runPod(t, ns, "reader", "dev",
+		"set -e; dd if=/dev/xvda bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1", true, false))
+	if got != sum {
+		t.Fatalf("read back %s from the device, wrote %s", got, sum)
+	}
+}
+
+// Scenario 6: xfs and btrfs classes, mount options and read-only mounts.
+func TestFilesystemsAndMountOptions(t *testing.T) {
+	for _, tc := range []struct{ fs, class, size string }{
+		{"xfs", "spool-xfs", "300Mi"},
+		{"btrfs", "spool-btrfs", "256Mi"},
+	} {
+		t.Run(tc.fs, func(t *testing.T) {
+			ns := namespace(t)
+			apply(t, pvc(ns, pvcSpec{name: "data", class: tc.class, size: tc.size}))
+			out := runPod(t, ns, "writer", "data", "grep ' /data ' /proc/mounts; "+writeScript("/data/file", 4), false, false)
+			if !strings.Contains(out, " /data "+tc.fs+" rw") {
+				t.Errorf("/data is not a writable %s mount: %q", tc.fs, out)
+			}
+			sum := checksum(t, out)
+			ro := runPod(t, ns, "reader", "data",
+				"grep ' /data ' /proc/mounts; if touch /data/new 2>/dev/null; then echo WROTE; fi; "+readScript("/data/file"), false, true)
+			if !strings.Contains(ro, " /data "+tc.fs+" ro") || strings.Contains(ro, "WROTE") {
+				t.Errorf("read-only mount is writable or not ro: %q", ro)
+			}
+			if got := checksum(t, ro); got != sum {
+				t.Errorf("read %s through the read-only mount, wrote %s", got, sum)
+			}
+		})
+	}
+	t.Run("mount options", func(t *testing.T) {
+		ns := namespace(t)
+		class := "spool-e2e-opts-" + ns
+		apply(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: %s}
+provisioner: spool.csi.dev
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Delete
+mountOptions: [noatime, nodiratime]
+parameters: {csi.storage.k8s.io/fstype: ext4}
+`, class))
+		t.Cleanup(func() { kubectl(t, "delete", "storageclass", class) })
+		apply(t, pvc(ns, pvcSpec{name: "data", class: class, size: "64Mi"}))
+		out := runPod(t, ns, "check", "data", "grep ' /data ' /proc/mounts", false, false)
+		if !strings.Contains(out, " /data ext4 ") || !strings.Contains(out, "noatime") || !strings.Contains(out, "nodiratime") {
+			t.Errorf("mount options not applied: %q", out)
+		}
+	})
+}
