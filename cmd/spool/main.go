@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"k8s.io/klog/v2"
@@ -18,31 +17,11 @@ import (
 	"github.com/spool-csi/spool/pkg/version"
 )
 
-// poolFlags collects repeated --pool flags.
-type poolFlags []pool.Spec
-
-func (p *poolFlags) String() string {
-	var s []string
-	for _, x := range *p {
-		s = append(s, x.Name+"="+x.Dir)
-	}
-	return strings.Join(s, " ")
-}
-
-func (p *poolFlags) Set(v string) error {
-	spec, err := pool.ParseSpec(v)
-	if err != nil {
-		return err
-	}
-	*p = append(*p, spec)
-	return nil
-}
-
 func main() {
 	klog.InitFlags(nil)
 	var (
 		opts        driver.Options
-		pools       poolFlags
+		pools       pool.Specs
 		mode        string
 		showVersion bool
 	)

@@ -91,6 +91,27 @@ func ParseSpec(s string) (Spec, error) {
 	return spec, nil
 }
 
+// Specs collects repeated --pool flags; it is a flag.Value.
+type Specs []Spec
+
+func (s *Specs) String() string {
+	var out []string
+	for _, x := range *s {
+		out = append(out, x.Name+"="+x.Dir)
+	}
+	return strings.Join(out, " ")
+}
+
+// Set parses one more NAME=DIR[,capacity=SIZE].
+func (s *Specs) Set(v string) error {
+	spec, err := ParseSpec(v)
+	if err != nil {
+		return err
+	}
+	*s = append(*s, spec)
+	return nil
+}
+
 type identity struct {
 	Name      string    `json:"name"`
 	ID        string    `json:"id"`

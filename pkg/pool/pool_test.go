@@ -227,6 +227,21 @@ func TestParseSpec(t *testing.T) {
 	}
 }
 
+func TestSpecsFlag(t *testing.T) {
+	var s Specs
+	for _, v := range []string{"a=/x", "b=/y,capacity=1Gi"} {
+		if err := s.Set(v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Set("c=relative"); err == nil {
+		t.Error("a relative pool directory was accepted")
+	}
+	if len(s) != 2 || s[1].Capacity != size.GiB || s.String() != "a=/x b=/y" {
+		t.Fatalf("specs %+v (%s)", s, s.String())
+	}
+}
+
 func TestIsImage(t *testing.T) {
 	dir := t.TempDir()
 	p := openPool(t, dir, 0)
