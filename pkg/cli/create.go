@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/spool-csi/spool/driver"
 	"github.com/spool-csi/spool/pkg/fs"
@@ -88,7 +90,9 @@ func create(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	resp, err := d.CreateVolume(ctx, req)
-	if err != nil {
+	if status.Code(err) == codes.AlreadyExists {
+		return fmt.Errorf("%w: a repeated create returns the existing volume only when its size, --fs and --provisioning fit; choose another --name for a new volume", message(err))
+	} else if err != nil {
 		return message(err)
 	}
 	v := resp.GetVolume()
