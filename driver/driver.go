@@ -39,6 +39,10 @@ const (
 // DefaultDriverName is the CSI driver name.
 const DefaultDriverName = "spool.csi.dev"
 
+// TopologyKey is the topology key a driver of this name reports in
+// NodeGetInfo and puts on its volumes: its value is the node's ID.
+func TopologyKey(driverName string) string { return driverName + "/node" }
+
 // Options is the driver's whole configuration, parsed once in cmd/spool.
 type Options struct {
 	Endpoint          string
@@ -54,7 +58,10 @@ type Options struct {
 }
 
 // Validate checks the options and fills in defaults.
-func (o *Options) Validate() error {
+func (o *Options) Validate() error { return o.validate(true) }
+
+// validate checks the options; an unserved driver needs no endpoint.
+func (o *Options) validate(served bool) error {
 	var errs []error
 	if o.DriverName == "" {
 		o.DriverName = DefaultDriverName
@@ -67,7 +74,7 @@ func (o *Options) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("--mode %q: want all, controller or node", o.Mode))
 	}
-	if _, err := socketPath(o.Endpoint); err != nil {
+	if _, err := socketPath(o.Endpoint); err != nil && served {
 		errs = append(errs, err)
 	}
 	if err := volid.ValidateNodeID(o.NodeID); err != nil {
@@ -148,7 +155,26 @@ func New(opts Options, kernel Kernel) (*Driver, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Driver{opts: opts, kernel: kernel, pools: map[string]*pool.Pool{}, topologyKey: opts.DriverName + "/node"}
+	return build(opts, kernel)
+}
+
+// NewOffline builds a controller-only driver whose handlers are called
+// directly instead of over a socket: `spool volume` uses it to work on pools
+// while no driver serves them, through the same code as the CO's calls. It
+// opens the pools (taking their locks, so it fails while a driver serves
+// them) and serves nothing. kernel may be zero; with a real one DeleteVolume
+// also refuses images a loop device still uses.
+func NewOffline(opts Options, kernel Kernel) (*Driver, error) {
+	opts.Mode, opts.Endpoint, opts.MetricsAddress = ModeController, "", ""
+	if err := opts.validate(false); err != nil {
+		return nil, err
+	}
+	return build(opts, kernel)
+}
+
+// build opens the pools of validated options and builds the driver.
+func build(opts Options, kernel Kernel) (*Driver, error) {
+	d := &Driver{opts: opts, kernel: kernel, pools: map[string]*pool.Pool{}, topologyKey: TopologyKey(opts.DriverName)}
 	for _, spec := range opts.Pools {
 		p, err := pool.Open(spec, opts.NodeID)
 		if err != nil {

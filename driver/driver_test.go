@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -383,6 +384,35 @@ func TestOptionsValidate(t *testing.T) {
 		if err := o.Validate(); err == nil {
 			t.Errorf("%s: Validate succeeded", name)
 		}
+	}
+}
+
+// An offline driver needs no endpoint, serves nothing, answers the
+// controller calls directly and holds its pools' locks like a served one.
+func TestNewOffline(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	opts := Options{NodeID: testNode, Version: "test", Pools: []pool.Spec{{Name: "default", Dir: dir}}}
+	d, err := NewOffline(opts, Kernel{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	r, err := d.CreateVolume(context.Background(), createReq("pv-1", 1<<20, mountCap("ext4")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seg := r.GetVolume().GetAccessibleTopology()[0].GetSegments()[TopologyKey(DefaultDriverName)]; seg != testNode {
+		t.Errorf("topology %v", r.GetVolume().GetAccessibleTopology())
+	}
+	if _, err := d.Listen(); err == nil {
+		t.Error("an offline driver listened")
+	}
+	opts.Endpoint = "unix://" + filepath.Join(t.TempDir(), "csi.sock")
+	if _, err := New(opts, newFakeKernel().kernel()); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("a second driver opened the pool an offline driver holds: %v", err)
+	}
+	if _, err := NewOffline(Options{Version: "test", Pools: opts.Pools}, Kernel{}); err == nil {
+		t.Error("NewOffline without a node ID succeeded")
 	}
 }
 

@@ -1,5 +1,6 @@
 // Command spool is the Spool CSI driver: one binary for the identity,
-// controller and node services.
+// controller and node services. `spool volume ...` runs the operator
+// commands of pkg/cli instead of the server.
 package main
 
 import (
@@ -8,41 +9,24 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/driver"
+	"github.com/spool-csi/spool/pkg/cli"
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/pkg/version"
 )
 
-// poolFlags collects repeated --pool flags.
-type poolFlags []pool.Spec
-
-func (p *poolFlags) String() string {
-	var s []string
-	for _, x := range *p {
-		s = append(s, x.Name+"="+x.Dir)
-	}
-	return strings.Join(s, " ")
-}
-
-func (p *poolFlags) Set(v string) error {
-	spec, err := pool.ParseSpec(v)
-	if err != nil {
-		return err
-	}
-	*p = append(*p, spec)
-	return nil
-}
-
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "volume" {
+		os.Exit(cli.Volume(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	klog.InitFlags(nil)
 	var (
 		opts        driver.Options
-		pools       poolFlags
+		pools       pool.Specs
 		mode        string
 		showVersion bool
 	)
@@ -54,6 +38,11 @@ func main() {
 	flag.Int64Var(&opts.MaxVolumesPerNode, "max-volumes-per-node", 0, "volumes that may be attached to one node (0: no limit)")
 	flag.StringVar(&opts.MetricsAddress, "metrics-address", "", "serve Prometheus metrics at http://ADDRESS/metrics (host:port, e.g. :9808); empty: off")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
+	flag.Usage = func() {
+		fmt.Fprint(flag.CommandLine.Output(), "Usage: spool [flags]                      serve the CSI services\n"+
+			"       spool volume create|list|delete   work on pools no driver serves (spool volume -h)\n\nFlags:\n")
+		flag.PrintDefaults()
+	}
 	flag.Parse()
 
 	opts.Version = version.Get()

@@ -54,6 +54,10 @@ type Spec struct {
 	// Capacity caps the bytes the pool may provision; 0 means the size of
 	// the filesystem that holds Dir.
 	Capacity int64
+	// Existing makes Open refuse a directory that is not a pool yet,
+	// creating nothing, instead of initialising a new pool there: an
+	// operator's mistyped directory must not become an empty pool.
+	Existing bool
 }
 
 // ParseSpec parses NAME=DIR[,capacity=SIZE].
@@ -85,6 +89,27 @@ func ParseSpec(s string) (Spec, error) {
 		}
 	}
 	return spec, nil
+}
+
+// Specs collects repeated --pool flags; it is a flag.Value.
+type Specs []Spec
+
+func (s *Specs) String() string {
+	var out []string
+	for _, x := range *s {
+		out = append(out, x.Name+"="+x.Dir)
+	}
+	return strings.Join(out, " ")
+}
+
+// Set parses one more NAME=DIR[,capacity=SIZE].
+func (s *Specs) Set(v string) error {
+	spec, err := ParseSpec(v)
+	if err != nil {
+		return err
+	}
+	*s = append(*s, spec)
+	return nil
 }
 
 type identity struct {
@@ -133,6 +158,11 @@ func Open(spec Spec, node string) (*Pool, error) {
 		name: spec.Name, root: filepath.Clean(spec.Dir), node: node, capLimit: spec.Capacity,
 		vols: map[string]*Volume{}, names: map[string]string{}, pending: map[string]bool{}, busy: map[string]bool{},
 		snaps: map[string]*Snapshot{}, snapNames: map[string]string{}, groups: map[string]*Group{}, groupNames: map[string]string{},
+	}
+	if spec.Existing {
+		if err := p.checkExists(); err != nil {
+			return nil, err
+		}
 	}
 	if err := os.MkdirAll(p.root, 0o750); err != nil {
 		return nil, fmt.Errorf("pool %s: creating %s: %w", p.name, p.root, err)
@@ -198,6 +228,15 @@ func (p *Pool) checkIdentity() error {
 	}
 	if id.Name != p.name {
 		return fmt.Errorf("pool %s: directory %s belongs to pool %q; volume IDs name their pool, so a pool cannot be renamed", p.name, p.root, id.Name)
+	}
+	return nil
+}
+
+// checkExists refuses a directory that holds no pool identity file.
+func (p *Pool) checkExists() error {
+	fi, err := os.Lstat(filepath.Join(p.root, identityFile))
+	if err != nil || !fi.Mode().IsRegular() {
+		return fmt.Errorf("pool %s: %s is not a Spool pool (it has no %s): check the directory, or let the driver initialise the pool by serving it once", p.name, p.root, identityFile)
 	}
 	return nil
 }

@@ -193,6 +193,28 @@ func TestIdentityMismatch(t *testing.T) {
 	}
 }
 
+func TestOpenExistingCreatesNothing(t *testing.T) {
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Join(dir, "missing"), dir} {
+		if _, err := Open(Spec{Name: "test", Dir: d, Existing: true}, "node-1"); err == nil || !strings.Contains(err.Error(), "not a Spool pool") {
+			t.Fatalf("Open(Existing) of %s, which is no pool: %v", d, err)
+		}
+	}
+	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+		t.Fatalf("a refused Open left %v (%v)", entries, err)
+	}
+	p := openPool(t, dir, 0)
+	p.Close()
+	p, err := Open(Spec{Name: "test", Dir: dir, Existing: true}, "node-1")
+	if err != nil {
+		t.Fatalf("Open(Existing) of a pool: %v", err)
+	}
+	p.Close()
+	if _, err := Open(Spec{Name: "other", Dir: dir, Existing: true}, "node-1"); err == nil {
+		t.Fatal("Open(Existing) under another pool name succeeded")
+	}
+}
+
 func TestParseSpec(t *testing.T) {
 	s, err := ParseSpec("fast=/var/lib/spool/fast,capacity=10Gi")
 	if err != nil || s.Name != "fast" || s.Dir != "/var/lib/spool/fast" || s.Capacity != 10*size.GiB {
@@ -202,6 +224,21 @@ func TestParseSpec(t *testing.T) {
 		if _, err := ParseSpec(bad); err == nil {
 			t.Errorf("ParseSpec(%q) succeeded", bad)
 		}
+	}
+}
+
+func TestSpecsFlag(t *testing.T) {
+	var s Specs
+	for _, v := range []string{"a=/x", "b=/y,capacity=1Gi"} {
+		if err := s.Set(v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Set("c=relative"); err == nil {
+		t.Error("a relative pool directory was accepted")
+	}
+	if len(s) != 2 || s[1].Capacity != size.GiB || s.String() != "a=/x b=/y" {
+		t.Fatalf("specs %+v (%s)", s, s.String())
 	}
 }
 

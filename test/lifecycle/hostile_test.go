@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -15,6 +16,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/spool-csi/spool/pkg/cli"
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 )
 
@@ -50,17 +53,11 @@ func treeDigest(t *testing.T, dir string) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// Hostile IDs, names and paths in every RPC field that carries one get
-// InvalidArgument or NotFound (or the idempotent OK of a delete), and
-// nothing outside the pool changes.
-func TestHostileInput(t *testing.T) {
-	e := newEnv(t)
-	c := ctx(t)
-	// A real volume, so that IDs built from its parts reach deep code.
-	v := e.publishNew(c, "real", 16<<20, csiclient.MountCap("ext4"), nil)
-	// The sentinel lies next to the pool, where "../" from a volume's
-	// directory would lead.
-	sentinel := filepath.Join(e.dir, "sentinel")
+// plantSentinel makes a tree of files next to the pool in dir, where "../"
+// from a volume's directory would lead, and returns its path.
+func plantSentinel(t *testing.T, dir string) string {
+	t.Helper()
+	sentinel := filepath.Join(dir, "sentinel")
 	for _, f := range []string{"a/secret", "b/c/data", "volumes/000000000000000000000000/disk.img"} {
 		p := filepath.Join(sentinel, f)
 		if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
@@ -70,19 +67,35 @@ func TestHostileInput(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	before := treeDigest(t, sentinel)
-	poolBefore := treeDigest(t, filepath.Join(e.dir, "pool", "volumes"))
+	return sentinel
+}
 
-	prefix := v.ID[:len(v.ID)-24]
-	ids := []string{
+// hostileIDs is the traversal corpus of IDs, built around a real volume ID
+// so that some reach deep code.
+func hostileIDs(volumeID, sentinel string) []string {
+	prefix := volumeID[:len(volumeID)-24]
+	return []string{
 		"../sentinel", "../../sentinel/a/secret", sentinel, "/etc/passwd", ".", "..", "", "%2e%2e%2fsentinel",
 		prefix + "../../../sentinel", prefix + "000000000000000000000000/../../sentinel", prefix + "snap-../../sentinel",
 		"default:lifecycle-node:" + strings.Repeat("0", 23) + "\x00", "default:lifecycle-node:..%2f..%2fsentinel",
 		"default:../../sentinel:000000000000000000000000", "../../sentinel:node:000000000000000000000000",
 		strings.Repeat("A", 5000), "default:lifecycle-node:0000000000000000000000/0", "名前:ノード:000000000000000000000000",
-		"a\nb", v.ID + "/..", v.ID + "\x00",
+		"a\nb", volumeID + "/..", volumeID + "\x00",
 	}
-	badPaths := []string{"", "relative/path", "../sentinel", "sentinel/../..", "\x00", strings.Repeat("/x", 3000)}
+}
+
+// Hostile IDs, names and paths in every RPC field that carries one get
+// InvalidArgument or NotFound (or the idempotent OK of a delete), and
+// nothing outside the pool changes.
+func TestHostileInput(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	// A real volume, so that IDs built from its parts reach deep code.
+	v := e.publishNew(c, "real", 16<<20, csiclient.MountCap("ext4"), nil)
+	sentinel := plantSentinel(t, e.dir)
+	before := treeDigest(t, sentinel)
+	poolBefore := treeDigest(t, filepath.Join(e.dir, "pool", "volumes"))
+	ids := hostileIDs(v.ID, sentinel)
 	mc := csiclient.MountCap("ext4")
 	ok := func(err error, allowOK bool) bool {
 		switch status.Code(err) {
@@ -189,6 +202,9 @@ func TestHostileInput(t *testing.T) {
 	}
 }
 
+// badPaths are hostile staging, target and pool paths.
+var badPaths = []string{"", "relative/path", "../sentinel", "sentinel/../..", "\x00", strings.Repeat("/x", 3000)}
+
 // isKubeletSafe reports whether id would be accepted as an ephemeral volume
 // ID (letters, digits, '.', '_', '-').
 func isKubeletSafe(id string) bool {
@@ -202,4 +218,80 @@ func isKubeletSafe(id string) bool {
 		}
 	}
 	return true
+}
+
+// The operator commands (`spool volume`) get the same corpus in every flag
+// that names something and as pool directories, both for the pool the
+// running driver serves (whose lock keeps them off it) and for a pool no
+// driver serves. Every call fails without output, and nothing in the pools
+// or next to them changes.
+func TestHostileCLIInput(t *testing.T) {
+	e := newEnv(t)
+	v := e.publishNew(ctx(t), "real", 16<<20, csiclient.MountCap("ext4"), nil)
+	sentinel := plantSentinel(t, e.dir)
+	spare := filepath.Join(e.dir, "spare")
+	p, err := pool.Open(pool.Spec{Name: "spare", Dir: spare}, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	digests := func() []string {
+		return []string{treeDigest(t, sentinel), treeDigest(t, filepath.Join(e.dir, "pool", "volumes")), treeDigest(t, filepath.Join(spare, "volumes"))}
+	}
+	before := digests()
+	entries := func() []string {
+		des, err := os.ReadDir(e.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, de := range des {
+			out = append(out, de.Name())
+		}
+		return out
+	}
+	entriesBefore := entries()
+
+	refused := func(args ...string) {
+		t.Helper()
+		var out, errOut strings.Builder
+		if code := cli.Volume(args, &out, &errOut); code == 0 || out.Len() != 0 || errOut.Len() == 0 {
+			t.Errorf("spool volume %q: exit %d, stdout %q, stderr %q; want a refusal", args, code, out.String(), errOut.String())
+		}
+	}
+	pools := []string{"default=" + filepath.Join(e.dir, "pool"), "spare=" + spare}
+	corpus := append(hostileIDs(v.ID, sentinel), badPaths...)
+	for _, poolFlag := range pools {
+		for _, s := range corpus {
+			for _, f := range []string{"--name", "--pv-name", "--storage-class", "--driver-name", "--node-id", "--size", "--fs", "--provisioning", "--reclaim-policy", "-o"} {
+				if s == "" && (f == "--pv-name" || f == "--storage-class") {
+					continue // the defaults: the volume's name, no class
+				}
+				args := []string{"create", "--pool", poolFlag, "--node-id", node, "--size", "1Mi", "--name", "ok"}
+				refused(append(args, f, s)...)
+			}
+			refused("delete", "--pool", poolFlag, "--node-id", node, s)
+			refused("list", "--pool", poolFlag, "--node-id", s)
+		}
+	}
+	// Pool directories that lead to the sentinel, outside the pools, or to
+	// the pool a driver serves.
+	for _, d := range []string{
+		sentinel, filepath.Join(sentinel, "volumes"), filepath.Join(e.dir, "pool", "..", "sentinel"), filepath.Join(spare, "volumes"),
+		filepath.Join(e.dir, "missing"), "../sentinel", "sentinel", filepath.Join(e.dir, "pool"), "/etc", "/",
+	} {
+		for _, name := range []string{"default", "spare", "../sentinel"} {
+			refused("create", "--pool", name+"="+d, "--node-id", node, "--size", "1Mi", "--name", "ok")
+			refused("delete", "--pool", name+"="+d, "--node-id", node, v.ID)
+		}
+	}
+	// The served volume cannot be deleted behind the driver's back.
+	refused("delete", "--pool", pools[0], "--node-id", node, v.ID)
+
+	if after := digests(); !slices.Equal(after, before) {
+		t.Fatal("a refused command changed the sentinel or a pool's volumes")
+	}
+	if after := entries(); !slices.Equal(after, entriesBefore) {
+		t.Fatalf("refused commands changed %s: %v, was %v", e.dir, after, entriesBefore)
+	}
 }
