@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 IMAGE ?= spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-race test-faults test-unit sanity bench run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -36,6 +36,12 @@ $(CSI_SANITY):
 
 sanity: build $(CSI_SANITY) ## the csi-sanity binary against bin/spool
 	CSI_SANITY=$(CSI_SANITY) hack/sanity.sh
+
+e2e-tools: ## build (or reuse from .cache/e2e) the Kubernetes binaries, etcd and the CSI sidecars
+	hack/e2e-tools.sh
+
+e2e: build ## end-to-end scenarios on a single-node Kubernetes started here (root; cold build ~25 min, warm run ~7 min)
+	hack/e2e.sh
 
 run: build ## start the driver on a temp pool, walk one volume through its life, keep serving
 	hack/run.sh

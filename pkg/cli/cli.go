@@ -11,11 +11,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
@@ -98,13 +103,50 @@ type common struct {
 	pools      pool.Specs
 	nodeID     string
 	driverName string
+	endpoint   string
 	verbosity  int
 }
+
+// controller is what the volume commands call: the driver's own handlers,
+// in this process (the pools opened directly) or over the socket of the
+// driver that serves them.
+type controller interface {
+	CreateVolume(context.Context, *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error)
+	DeleteVolume(context.Context, *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error)
+	ListVolumes(context.Context, *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error)
+	ControllerGetVolume(context.Context, *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error)
+	Close()
+}
+
+// remote calls a running driver's controller service over its socket.
+type remote struct {
+	conn *grpc.ClientConn
+	c    csi.ControllerClient
+}
+
+func (r remote) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	return r.c.CreateVolume(ctx, req)
+}
+
+func (r remote) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	return r.c.DeleteVolume(ctx, req)
+}
+
+func (r remote) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	return r.c.ListVolumes(ctx, req)
+}
+
+func (r remote) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+	return r.c.ControllerGetVolume(ctx, req)
+}
+
+func (r remote) Close() { _ = r.conn.Close() }
 
 func (c *common) register(fs *flag.FlagSet) {
 	fs.Var(&c.pools, "pool", "pool NAME=DIR[,capacity=SIZE], as given to the driver; repeat for more pools; the first is the default (required)")
 	fs.StringVar(&c.nodeID, "node-id", "", "the --node-id of the driver that serves the pools (required)")
 	fs.StringVar(&c.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name, as given to the driver")
+	fs.StringVar(&c.endpoint, "endpoint", "", "unix:///path/to/csi.sock of the running driver that serves the pools: go through it instead of opening the pools (which a serving driver holds locked)")
 	fs.IntVar(&c.verbosity, "v", -1, "log verbosity (klog) on stderr; -1: errors only")
 }
 
@@ -157,9 +199,24 @@ func (c *common) check() error {
 }
 
 // open sets up logging and opens the pools, which must exist already, for
-// direct calls of the controller handlers. The caller closes the driver.
-func (c *common) open() (*driver.Driver, error) {
+// direct calls of the controller handlers; or, with --endpoint, connects to
+// the driver that serves them. The caller closes the controller.
+func (c *common) open() (controller, error) {
 	setupLogging(c.verbosity)
+	if c.endpoint != "" {
+		path, ok := strings.CutPrefix(c.endpoint, "unix://")
+		if !ok || !filepath.IsAbs(path) {
+			return nil, usagef("--endpoint %q: want unix:///absolute/path/to/csi.sock", c.endpoint)
+		}
+		if _, err := os.Stat(path); err != nil {
+			return nil, fmt.Errorf("--endpoint: %w (is the driver running?)", err)
+		}
+		conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, fmt.Errorf("connect to %s: %w", c.endpoint, err)
+		}
+		return remote{conn: conn, c: csi.NewControllerClient(conn)}, nil
+	}
 	specs := make([]pool.Spec, len(c.pools))
 	for i, s := range c.pools {
 		s.Existing = true
@@ -169,15 +226,18 @@ func (c *common) open() (*driver.Driver, error) {
 		NodeID: c.nodeID, DriverName: c.driverName, Pools: specs, Version: version.Get(),
 	}, driver.RealKernel())
 	if errors.Is(err, unix.EWOULDBLOCK) {
-		return nil, fmt.Errorf("%w; stop the driver that serves it first (a driver reads its pools only when it starts)", err)
+		return nil, fmt.Errorf("%w; a running driver serves it: pass its socket with --endpoint unix:///path/to/csi.sock, or stop it first", err)
 	}
-	return d, err
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
 }
 
 // checkNode refuses a --node-id that differs from the node named by the
 // pools' existing volumes: the driver would never serve a volume made for
 // another node.
-func (c *common) checkNode(ctx context.Context, d *driver.Driver) error {
+func (c *common) checkNode(ctx context.Context, d controller) error {
 	vols, err := listAll(ctx, d)
 	if err != nil {
 		return err

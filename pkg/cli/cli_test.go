@@ -277,7 +277,7 @@ func TestCreateRefusesAPoolInUse(t *testing.T) {
 	}
 	defer p.Close()
 	r := mustRun(t, 1, createArgs(dir, "--size", "1Mi", "--name", "a")...)
-	if !strings.Contains(r.stderr, "stop the driver") {
+	if !strings.Contains(r.stderr, "--endpoint") {
 		t.Errorf("stderr %q", r.stderr)
 	}
 	if dirs := volumeDirs(t, dir); len(dirs) != 0 {

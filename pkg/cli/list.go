@@ -62,7 +62,7 @@ func list(args []string, stdout, stderr io.Writer) error {
 }
 
 // listAll returns every volume of the driver's pools.
-func listAll(ctx context.Context, d *driver.Driver) ([]*csi.ListVolumesResponse_Entry, error) {
+func listAll(ctx context.Context, d controller) ([]*csi.ListVolumesResponse_Entry, error) {
 	var out []*csi.ListVolumesResponse_Entry
 	token := ""
 	for {

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -231,5 +232,54 @@ func stageFromPV(ctx context.Context, t *testing.T, c *csiclient.Client, dir str
 	}
 	if !bytes.Equal(got, data) {
 		t.Fatal("data read back after restaging differs from what was written")
+	}
+}
+
+// With --endpoint the commands go through the driver that serves the pool
+// (and holds its lock): create, list and delete work on a live node.
+func TestEndpointUsesTheRunningDriver(t *testing.T) {
+	leakcheck.RequireRoot(t)
+	dir := t.TempDir()
+	leakcheck.Check(t, dir)
+	poolDir := filepath.Join(dir, "pool")
+	endpoint := "unix://" + filepath.Join(dir, "csi.sock")
+	_, stop, err := csiclient.Start(driver.Options{
+		Endpoint: endpoint, NodeID: testNode, Version: "test",
+		Pools: []pool.Spec{{Name: "default", Dir: poolDir}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Errorf("driver: %v", err)
+		}
+	})
+
+	// Without --endpoint the pool is locked, and the error says what to do.
+	if r := mustRun(t, 1, createArgs(poolDir, "--size", "8Mi", "--name", "live")...); !strings.Contains(r.stderr, "--endpoint") {
+		t.Errorf("stderr %q does not point at --endpoint", r.stderr)
+	}
+	r := mustRun(t, 0, append(createArgs(poolDir, "--size", "8Mi", "--name", "live", "-o", "handle"), "--endpoint", endpoint)...)
+	handle := strings.TrimSpace(r.stdout)
+	if _, err := volid.ParseKind(handle, volid.KindVolume); err != nil {
+		t.Fatalf("create printed %q: %v", r.stdout, err)
+	}
+	if n, err := os.Stat(filepath.Join(poolDir, "volumes", strings.Split(handle, ":")[2], "disk.img")); err != nil || n.Size() != 8<<20 {
+		t.Fatalf("image of %s: %v, %v", handle, n, err)
+	}
+	// The same name again is the same volume.
+	if again := mustRun(t, 0, append(createArgs(poolDir, "--size", "8Mi", "--name", "live", "-o", "handle"), "--endpoint", endpoint)...); strings.TrimSpace(again.stdout) != handle {
+		t.Errorf("repeated create gave %q, first %q", again.stdout, handle)
+	}
+	if l := mustRun(t, 0, "list", "--pool", "default="+poolDir, "--node-id", testNode, "--endpoint", endpoint, "-o", "handle"); strings.TrimSpace(l.stdout) != handle {
+		t.Errorf("list shows %q, want %q", l.stdout, handle)
+	}
+	mustRun(t, 0, "delete", "--pool", "default="+poolDir, "--node-id", testNode, "--endpoint", endpoint, handle)
+	if dirs := volumeDirs(t, poolDir); len(dirs) != 0 {
+		t.Fatalf("volumes left: %v", dirs)
+	}
+	if r := mustRun(t, 2, "list", "--pool", "default="+poolDir, "--node-id", testNode, "--endpoint", "tcp://x"); !strings.Contains(r.stderr, "unix:///") {
+		t.Errorf("bad endpoint: stderr %q", r.stderr)
 	}
 }

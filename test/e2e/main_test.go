@@ -34,6 +34,7 @@ var env struct {
 	c        *cluster.Cluster
 	spool    *cluster.Spool
 	poolDir  string
+	spoolBin string
 	workDir  string
 	started  time.Time
 	startDur time.Duration
@@ -93,13 +94,14 @@ func run(m *testing.M) (code int) {
 		}
 	}()
 
+	env.spoolBin = filepath.Join(root, "bin", "spool")
 	env.poolDir = filepath.Join(work, "pool")
 	if err := os.MkdirAll(env.poolDir, 0o755); err != nil {
 		logf("%v", err)
 		return 1
 	}
 	s, err := c.StartSpool(ctx, cluster.SpoolConfig{
-		Binary:    filepath.Join(root, "bin", "spool"),
+		Binary:    env.spoolBin,
 		DeployDir: deployBase(root),
 		CRDDir:    *crdDir,
 		PoolDir:   env.poolDir,

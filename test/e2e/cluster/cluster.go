@@ -115,7 +115,11 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
 	}
-	if c.host, err = saveHostState(ctx, cfg.KubeletRoot); err != nil {
+	if err := CleanStale(ctx, c.logf); err != nil {
+		return nil, fmt.Errorf("clean up after an earlier run: %w", err)
+	}
+	c.containerd = filepath.Join(cfg.WorkDir, "containerd", "containerd.sock")
+	if c.host, err = saveHostState(ctx, cfg.WorkDir, c.containerd, cfg.KubeletRoot); err != nil {
 		return nil, err
 	}
 	defer func() {

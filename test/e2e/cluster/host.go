@@ -3,6 +3,7 @@ package cluster
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -25,30 +26,118 @@ var kubeletSysctls = []string{"vm/overcommit_memory", "vm/panic_on_oom", "kernel
 var hostDirs = []string{"/var/log/pods", "/var/log/containers", "/var/lib/cni", "/run/netns", "/run/containerd"}
 
 // hostState is what the host looked like before the cluster started.
+// It is also written to stateFile while the cluster runs, so that a run
+// that died without its teardown (a panic, SIGKILL) is cleaned up by the
+// next one.
 type hostState struct {
-	kubeletRoot      string
-	kubeletRootNew   bool
-	boundKubeletRoot bool
-	sysctls          map[string]string
-	iptables         map[string]string // command -> saved rules
-	entries          map[string]map[string]bool
-	existed          map[string]bool
+	WorkDir          string                     `json:"workDir"`
+	Containerd       string                     `json:"containerd"`
+	KubeletRoot      string                     `json:"kubeletRoot"`
+	KubeletRootNew   bool                       `json:"kubeletRootNew"`
+	BoundKubeletRoot bool                       `json:"boundKubeletRoot"`
+	Sysctls          map[string]string          `json:"sysctls"`
+	Iptables         map[string]string          `json:"iptables"` // command -> saved rules
+	Entries          map[string]map[string]bool `json:"entries"`
+	Existed          map[string]bool            `json:"existed"`
 }
 
-func saveHostState(ctx context.Context, kubeletRoot string) (*hostState, error) {
-	h := &hostState{kubeletRoot: kubeletRoot, sysctls: map[string]string{}, iptables: map[string]string{},
-		entries: map[string]map[string]bool{}, existed: map[string]bool{}}
+// stateFile records the host state of the running cluster.
+const stateFile = "/run/spool-e2e-cluster.json"
+
+func (h *hostState) save() error {
+	b, err := json.Marshal(h)
+	if err != nil {
+		return fmt.Errorf("encode host state: %w", err)
+	}
+	if err := os.WriteFile(stateFile+".tmp", b, 0o600); err != nil {
+		return fmt.Errorf("write host state: %w", err)
+	}
+	return os.Rename(stateFile+".tmp", stateFile)
+}
+
+// CleanStale tears down what a previous run left when it died before its
+// teardown: it kills the pods and containerd shims, unmounts, detaches the
+// loop devices of its work directory and puts the host state back.
+func CleanStale(ctx context.Context, logf func(string, ...any)) error {
+	b, err := os.ReadFile(stateFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read %s: %w", stateFile, err)
+	}
+	var h hostState
+	if err := json.Unmarshal(b, &h); err != nil {
+		return fmt.Errorf("decode %s: %w", stateFile, err)
+	}
+	logf("cleaning up after a run that did not tear down (work directory %s)", h.WorkDir)
+	errs := []error{killCgroupProcs("kubepods"), killShims(h.Containerd), killUnder(h.WorkDir)}
+	errs = append(errs, h.restore(ctx))
+	if err := detachLoopsUnder(ctx, h.WorkDir); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if err := removeChecked(h.WorkDir); err != nil {
+		return err
+	}
+	return os.Remove(stateFile)
+}
+
+// killUnder kills processes whose executable or arguments name dir: the
+// host processes of a dead run (kubelet, spool, containerd, ...).
+func killUnder(dir string) error {
+	procs, err := filepath.Glob("/proc/[0-9]*/cmdline")
+	if err != nil {
+		return fmt.Errorf("list processes: %w", err)
+	}
+	self := os.Getpid()
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), dir+"/") {
+			continue
+		}
+		if pid, err := strconv.Atoi(strings.Split(p, "/")[2]); err == nil && pid != self {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	return nil
+}
+
+// detachLoopsUnder detaches loop devices backed by files below dir.
+func detachLoopsUnder(ctx context.Context, dir string) error {
+	out, err := run(ctx, "losetup", "-a")
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, l := range strings.Split(out, "\n") {
+		if !strings.Contains(l, dir+"/") {
+			continue
+		}
+		dev, _, _ := strings.Cut(l, ":")
+		if _, err := run(ctx, "losetup", "-d", dev); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func saveHostState(ctx context.Context, workDir, containerd, kubeletRoot string) (*hostState, error) {
+	h := &hostState{WorkDir: workDir, Containerd: containerd, KubeletRoot: kubeletRoot, Sysctls: map[string]string{}, Iptables: map[string]string{},
+		Entries: map[string]map[string]bool{}, Existed: map[string]bool{}}
 	if mounts, err := mountsUnder(kubeletRoot); err != nil {
 		return nil, err
 	} else if len(mounts) > 0 {
-		return nil, fmt.Errorf("%s already has mounts (%s): is another cluster running? hack/e2e.sh --cleanup tears a dead one down", kubeletRoot, strings.Join(mounts, ", "))
+		return nil, fmt.Errorf("%s already has mounts (%s): another kubelet uses it", kubeletRoot, strings.Join(mounts, ", "))
 	}
 	if _, err := os.Stat(kubeletRoot); errors.Is(err, os.ErrNotExist) {
-		h.kubeletRootNew = true
+		h.KubeletRootNew = true
 	}
 	for _, s := range kubeletSysctls {
 		if b, err := os.ReadFile("/proc/sys/" + s); err == nil {
-			h.sysctls[s] = strings.TrimSpace(string(b))
+			h.Sysctls[s] = strings.TrimSpace(string(b))
 		}
 	}
 	for _, cmd := range []string{"iptables-save", "ip6tables-save"} {
@@ -59,7 +148,7 @@ func saveHostState(ctx context.Context, kubeletRoot string) (*hostState, error) 
 		if err != nil {
 			return nil, fmt.Errorf("save firewall rules: %w", err)
 		}
-		h.iptables[cmd] = out
+		h.Iptables[cmd] = out
 	}
 	for _, d := range append(hostDirs, kubeletRoot) {
 		names, err := readDirNames(d)
@@ -69,13 +158,13 @@ func saveHostState(ctx context.Context, kubeletRoot string) (*hostState, error) 
 		if err != nil {
 			return nil, err
 		}
-		h.existed[d] = true
-		h.entries[d] = map[string]bool{}
+		h.Existed[d] = true
+		h.Entries[d] = map[string]bool{}
 		for _, n := range names {
-			h.entries[d][n] = true
+			h.Entries[d][n] = true
 		}
 	}
-	return h, nil
+	return h, h.save()
 }
 
 func readDirNames(dir string) ([]string, error) {
@@ -124,14 +213,18 @@ func (c *Cluster) Stop(ctx context.Context) error {
 		}
 	}
 	if c.host != nil {
-		note(c.host.restore(ctx, c.cfg.WorkDir, c.started))
+		if err := c.host.restore(ctx); err != nil {
+			note(err)
+		} else if err := os.Remove(stateFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			note(err)
+		}
 	}
 	c.logf("cluster: torn down in %.1fs", time.Since(t0).Seconds())
 	return errors.Join(errs...)
 }
 
 // restore unmounts, removes and resets what the cluster changed on the host.
-func (h *hostState) restore(ctx context.Context, workDir string, since time.Time) error {
+func (h *hostState) restore(ctx context.Context) error {
 	var errs []error
 	note := func(err error) {
 		if err != nil {
@@ -141,13 +234,13 @@ func (h *hostState) restore(ctx context.Context, workDir string, since time.Time
 	// Mounts: pod volumes and the node plugin's mounts under the kubelet
 	// root, container root filesystems under the work directory, network
 	// namespaces the CNI made.
-	prefixes := []string{workDir, "/run/netns", "/run/containerd"}
+	prefixes := []string{h.WorkDir, "/run/netns", "/run/containerd"}
 	for _, p := range prefixes {
 		note(unmountUnder(p, false))
 	}
-	note(unmountUnder(h.kubeletRoot, !h.boundKubeletRoot))
-	if h.boundKubeletRoot {
-		note(unmountUnder(h.kubeletRoot, true))
+	note(unmountUnder(h.KubeletRoot, !h.BoundKubeletRoot))
+	if h.BoundKubeletRoot {
+		note(unmountUnder(h.KubeletRoot, true))
 	}
 	note(removeCgroups("kubepods"))
 	if _, err := os.Stat("/sys/class/net/" + cniBridge); err == nil {
@@ -165,7 +258,7 @@ func (h *hostState) restore(ctx context.Context, workDir string, since time.Time
 			}
 		}
 	}
-	for cmd, saved := range h.iptables {
+	for cmd, saved := range h.Iptables {
 		now, err := run(ctx, cmd)
 		if err != nil {
 			note(err)
@@ -181,13 +274,13 @@ func (h *hostState) restore(ctx context.Context, workDir string, since time.Time
 			note(fmt.Errorf("%s: %w: %s", restore, err, out))
 		}
 	}
-	for s, v := range h.sysctls {
+	for s, v := range h.Sysctls {
 		if err := os.WriteFile("/proc/sys/"+s, []byte(v), 0o644); err != nil {
 			note(fmt.Errorf("restore sysctl %s=%s: %w", s, v, err))
 		}
 	}
-	for _, d := range append(hostDirs, h.kubeletRoot) {
-		if !h.existed[d] {
+	for _, d := range append(hostDirs, h.KubeletRoot) {
+		if !h.Existed[d] {
 			note(removeChecked(d))
 			continue
 		}
@@ -196,12 +289,11 @@ func (h *hostState) restore(ctx context.Context, workDir string, since time.Time
 			continue
 		}
 		for _, n := range names {
-			if !h.entries[d][n] {
+			if !h.Entries[d][n] {
 				note(removeChecked(filepath.Join(d, n)))
 			}
 		}
 	}
-	_ = since
 	return errors.Join(errs...)
 }
 

@@ -41,7 +41,6 @@ func (c *Cluster) startContainerd(ctx context.Context) error {
 	if err := os.WriteFile(filepath.Join(cniConf, "10-spool-e2e.conflist"), conflist, 0o644); err != nil {
 		return fmt.Errorf("write CNI config: %w", err)
 	}
-	c.containerd = filepath.Join(dir, "containerd.sock")
 	// restrict_oom_score_adj: this machine's processes lack CAP_SYS_RESOURCE,
 	// so runc cannot lower oom_score_adj below its own; without it every pod
 	// fails to start.
@@ -120,7 +119,10 @@ func (c *Cluster) startKubelet(ctx context.Context) error {
 	if err := unix.Mount(root, root, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind %s onto itself: %w", root, err)
 	}
-	c.host.boundKubeletRoot = true
+	c.host.BoundKubeletRoot = true
+	if err := c.host.save(); err != nil {
+		return err
+	}
 	if err := unix.Mount("", root, "", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("make %s shared: %w", root, err)
 	}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# make e2e: builds (or reuses) the cluster binaries and the sidecars, then runs
+# the end-to-end scenarios in test/e2e against a single-node Kubernetes that
+# the test starts on this machine and tears down again. Needs root.
+#
+# Extra arguments go to `go test` after -args, e.g.
+#   hack/e2e.sh -test.run TestAttach
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+[ "$(id -u)" = 0 ] || { echo "e2e: run as root (kubelet, containerd, loop devices, mounts)" >&2; exit 1; }
+for tool in containerd ctr runc iptables-save ip /usr/lib/cni/bridge /bin/busybox; do
+  command -v "$tool" >/dev/null || [ -x "$tool" ] || {
+    echo "e2e: $tool is missing: apt-get install containerd runc containernetworking-plugins iptables iproute2 busybox-static" >&2
+    exit 1
+  }
+done
+
+# The sidecar releases the manifests in deploy/ are written for. Pinned, so a
+# new release on the proxy does not trigger a 20-minute rebuild in CI.
+export CSI_PROVISIONER_VERSION=${CSI_PROVISIONER_VERSION:-v6.4.0}
+export CSI_ATTACHER_VERSION=${CSI_ATTACHER_VERSION:-v4.13.0}
+export CSI_RESIZER_VERSION=${CSI_RESIZER_VERSION:-v2.3.0}
+export CSI_SNAPSHOTTER_VERSION=${CSI_SNAPSHOTTER_VERSION:-v8.7.0}
+
+t0=$(date +%s)
+hack/e2e-tools.sh
+K8S_VERSION=$(cd test/e2e/tools && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' k8s.io/kubernetes)
+# shellcheck source=/dev/null
+source "${SPOOL_E2E_CACHE:-$REPO/.cache/e2e}/k8s-$K8S_VERSION/versions.env"
+export E2E_BIN E2E_CRDS
+echo "e2e: tools ready in $(( $(date +%s) - t0 ))s"
+
+go test -tags e2e -count=1 -timeout 45m -v ./test/e2e -args -e2e.logs "$REPO/_output/e2e-logs" "$@" 2>&1 |
+  grep -vE '^=== (RUN|PAUSE|CONT)'
+rc=${PIPESTATUS[0]}
+echo "e2e: finished in $(( $(date +%s) - t0 ))s (exit $rc)"
+exit "$rc"
