@@ -153,7 +153,9 @@ spec:
 func runPod(t *testing.T, ns, name, claim, script string, block, readOnly bool) string {
 	t.Helper()
 	apply(t, pod(ns, name, claim, script, block, readOnly))
-	t.Cleanup(func() { _, _ = env.c.Kubectl(context.Background(), "delete", "pod", name, "-n", ns, "--ignore-not-found") })
+	t.Cleanup(func() {
+		_, _ = env.c.Kubectl(context.Background(), "delete", "pod", name, "-n", ns, "--ignore-not-found")
+	})
 	waitPodDone(t, ns, name)
 	logs := kubectl(t, "logs", name, "-n", ns)
 	kubectl(t, "delete", "pod", name, "-n", ns, "--wait")

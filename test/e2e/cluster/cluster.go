@@ -39,9 +39,9 @@ type Config struct {
 const (
 	PauseImageName   = "registry.k8s.io/pause:3.10"
 	BusyboxImageName = "registry.k8s.io/e2e-test-images/busybox:1.37.0-1"
-	cniNetwork   = "spool-e2e"
-	cniBridge    = "spool-e2e0"
-	podSubnet    = "10.88.0.0/16"
+	cniNetwork       = "spool-e2e"
+	cniBridge        = "spool-e2e0"
+	podSubnet        = "10.88.0.0/16"
 )
 
 // Cluster is a running test cluster.
