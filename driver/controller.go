@@ -23,12 +23,15 @@ const (
 	ctxNode       = "spool.csi.dev/node"
 	ctxGeneration = "spool.csi.dev/generation"
 	ctxReadOnly   = "spool.csi.dev/readonly"
+	// ctxAttachedBy = "node" says that an attach controller without access
+	// to the node-local pool published the volume: the node checks the
+	// attachment against the pool and records it itself.
+	ctxAttachedBy = "spool.csi.dev/attached-by"
 )
 
 // ControllerGetCapabilities lists the controller RPCs Spool implements.
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
-	var caps []*csi.ControllerServiceCapability
-	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
+	rpcs := []csi.ControllerServiceCapability_RPC_Type{
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
 		csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
 		csi.ControllerServiceCapability_RPC_PUBLISH_READONLY,
@@ -45,7 +48,18 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_MODIFY_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
 		csi.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
-	} {
+	}
+	if d.attachOnly() {
+		// Without pools, only attach is served (see attachonly.go): the
+		// resizer then leaves expansion to the node.
+		rpcs = []csi.ControllerServiceCapability_RPC_Type{
+			csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
+			csi.ControllerServiceCapability_RPC_PUBLISH_READONLY,
+			csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		}
+	}
+	var caps []*csi.ControllerServiceCapability
+	for _, t := range rpcs {
 		caps = append(caps, &csi.ControllerServiceCapability{
 			Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}},
 		})
@@ -340,6 +354,9 @@ func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerP
 	}
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
+	}
+	if d.attachOnly() {
+		return d.publishNodeLocal(req)
 	}
 	p, vid, err := d.lookup(id)
 	if err != nil {

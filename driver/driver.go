@@ -80,8 +80,10 @@ func (o *Options) validate(served bool) error {
 	if err := volid.ValidateNodeID(o.NodeID); err != nil {
 		errs = append(errs, fmt.Errorf("--node-id: %w", err))
 	}
-	if len(o.Pools) == 0 {
-		errs = append(errs, errors.New("at least one --pool NAME=DIR is required"))
+	// A controller without pools is the attach controller of node-local
+	// pools (attachonly.go); every other mode needs a pool.
+	if len(o.Pools) == 0 && o.Mode != ModeController {
+		errs = append(errs, errors.New("at least one --pool NAME=DIR is required (only --mode=controller runs without pools, as the attach controller of node-local pools)"))
 	}
 	seen := map[string]bool{}
 	for _, p := range o.Pools {
@@ -321,6 +323,9 @@ func (d *Driver) poolList() []*pool.Pool {
 // pool returns the named pool, or the first pool for "".
 func (d *Driver) pool(name string) (*pool.Pool, bool) {
 	if name == "" {
+		if len(d.poolOrder) == 0 {
+			return nil, false // an attach controller has no pools
+		}
 		name = d.poolOrder[0]
 	}
 	p, ok := d.pools[name]

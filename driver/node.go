@@ -127,6 +127,14 @@ func (d *Driver) checkPublishContext(v pool.Volume, pc map[string]string) (bool,
 	if !ok {
 		return false, preconditionf("volume %s is not attached to node %s", v.ID, node)
 	}
+	if pc[ctxAttachedBy] == "node" {
+		// Published by an attach controller without the pool; NodeStage
+		// recorded the attachment (attachonly.go).
+		if !a.ByNode {
+			return false, preconditionf("volume %s is attached to node %s by a controller, but the publish context says node-local attach", v.ID, node)
+		}
+		return a.ReadOnly, nil
+	}
 	if gen := pc[ctxGeneration]; gen != strconv.FormatUint(a.Generation, 10) {
 		return false, preconditionf("publish context of volume %s is stale: attachment generation %q, current %d", v.ID, gen, a.Generation)
 	}
@@ -159,7 +167,12 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		return nil, err
 	}
 	defer unlock()
-	attachedRO, err := d.checkPublishContext(nv.vol, req.GetPublishContext())
+	var attachedRO bool
+	if pc := req.GetPublishContext(); pc[ctxAttachedBy] == "node" && pc[ctxNode] == d.opts.NodeID {
+		attachedRO, err = d.recordNodeAttachment(nv, pc)
+	} else {
+		attachedRO, err = d.checkPublishContext(nv.vol, pc)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -400,6 +413,9 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 			return nil, status.Errorf(codes.Internal, "detaching %s from %s: %v", nv.dev.Path, id, err)
 		}
 		klog.V(2).InfoS("Unstaged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging)
+	}
+	if err := d.releaseNodeAttachment(nv); err != nil {
+		return nil, err
 	}
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }

@@ -49,6 +49,10 @@ type Attachment struct {
 	ReadOnly   bool   `json:"readOnly"`
 	AccessMode string `json:"accessMode"`
 	Generation uint64 `json:"generation"`
+	// ByNode marks an attachment the node recorded itself at NodeStage:
+	// a central attach controller without access to this node-local pool
+	// (the local flavour) attached it, and NodeUnstage releases it.
+	ByNode bool `json:"byNode,omitempty"`
 }
 
 // Volume is a volume's metadata, as stored in volume.json.

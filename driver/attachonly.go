@@ -1,0 +1,112 @@
+package driver
+
+import (
+	"strconv"
+
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/volid"
+)
+
+// A controller with no pools (--mode=controller without --pool) is the
+// attach controller of the local flavour: a central Deployment runs it with
+// csi-attacher, while each node's spool holds that node's pools. It cannot
+// read a node's pool, so it cannot record the attachment there. A node-local
+// volume can only ever be used on the node its ID names, so the controller
+// checks that and hands the node a publish context that says so; NodeStage
+// then checks the volume in its own pool and records the attachment itself,
+// and NodeUnstage releases it.
+
+// attachOnly reports whether this driver is such an attach controller.
+func (d *Driver) attachOnly() bool { return d.opts.Mode == ModeController && len(d.pools) == 0 }
+
+// publishNodeLocal answers ControllerPublishVolume without the pool.
+func (d *Driver) publishNodeLocal(req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
+	id, node := req.GetVolumeId(), req.GetNodeId()
+	vid, err := volid.ParseKind(id, volid.KindVolume)
+	if err != nil {
+		return nil, notFoundf("volume %q not found: %v", id, err)
+	}
+	if node != vid.Node {
+		return nil, notFoundf("node %q not found: volume %s lives in a local pool of node %s", node, id, vid.Node)
+	}
+	klog.V(2).InfoS("Attached node-local volume (the node records it at stage)", "volumeID", id, "node", node, "readonly", req.GetReadonly())
+	return &csi.ControllerPublishVolumeResponse{PublishContext: map[string]string{
+		ctxNode:       node,
+		ctxReadOnly:   strconv.FormatBool(req.GetReadonly()),
+		ctxAttachedBy: "node",
+	}}, nil
+}
+
+// recordNodeAttachment records, at NodeStage, an attachment published by
+// an attach controller that has no access to the pool. It refuses when the
+// pool says the volume is attached to another node.
+func (d *Driver) recordNodeAttachment(nv *nodeVolume, pc map[string]string) (bool, error) {
+	ro, err := strconv.ParseBool(pc[ctxReadOnly])
+	if err != nil {
+		return false, invalidf("publish context of volume %s: %s=%q is not a boolean", nv.vol.ID, ctxReadOnly, pc[ctxReadOnly])
+	}
+	vid, err := volid.ParseKind(nv.vol.ID, volid.KindVolume)
+	if err != nil {
+		return false, err
+	}
+	node := d.opts.NodeID
+	d.attachMu.Lock()
+	defer d.attachMu.Unlock()
+	var att pool.Attachment
+	v, err := nv.pool.Update(vid.Token, func(v *pool.Volume) error {
+		for _, a := range v.Attachments {
+			if a.Node != node {
+				return preconditionf("volume %s is attached to node %s", v.ID, a.Node)
+			}
+			if a.ByNode && a.ReadOnly != ro {
+				// A new publish with another read-only flag: record it anew.
+				continue
+			}
+			att = a
+			return nil
+		}
+		v.Generation++
+		att = pool.Attachment{Node: node, ReadOnly: ro, AccessMode: "node-local", Generation: v.Generation, ByNode: true}
+		kept := v.Attachments[:0]
+		for _, a := range v.Attachments {
+			if !a.ByNode {
+				kept = append(kept, a)
+			}
+		}
+		v.Attachments = append(kept, att)
+		return nil
+	})
+	if err != nil {
+		return false, err
+	}
+	nv.vol = v
+	return att.ReadOnly, nil
+}
+
+// releaseNodeAttachment removes, at NodeUnstage, the attachment the node
+// recorded at stage.
+func (d *Driver) releaseNodeAttachment(nv *nodeVolume) error {
+	if _, ok := nv.vol.AttachmentFor(d.opts.NodeID); !ok {
+		return nil
+	}
+	vid, err := volid.ParseKind(nv.vol.ID, volid.KindVolume)
+	if err != nil {
+		return err
+	}
+	d.attachMu.Lock()
+	defer d.attachMu.Unlock()
+	_, err = nv.pool.Update(vid.Token, func(v *pool.Volume) error {
+		kept := v.Attachments[:0]
+		for _, a := range v.Attachments {
+			if !(a.ByNode && a.Node == d.opts.NodeID) {
+				kept = append(kept, a)
+			}
+		}
+		v.Attachments = kept
+		return nil
+	})
+	return err
+}
