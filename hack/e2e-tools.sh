@@ -104,7 +104,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   K8S_LDFLAGS+=" -X $pkg.gitMinor=$K8S_MINOR -X $pkg.gitTreeState=clean"
 done
 
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy; do
   build_into "$BIN/$cmd" "$TOOLS_DIR" -- -ldflags "$K8S_LDFLAGS" "k8s.io/kubernetes/cmd/$cmd" ||
     die "$cmd $K8S_VERSION must build; see the output above"
 done
@@ -115,7 +115,7 @@ build_into "$BIN/etcd" "$TOOLS_DIR" -- go.etcd.io/etcd/server/v3 ||
 # stands in for node-driver-registrar, and the pod sandbox (pause) binary.
 # They are small and ours, so they are rebuilt every time (the Go build cache
 # makes that a second).
-for cmd in spool-registrar pause; do
+for cmd in spool-registrar spool-livenessprobe pause; do
   rm -f "$BIN/$cmd"
   CGO_ENABLED=0 build_into "$BIN/$cmd" "$TOOLS_DIR" -- "./cmd/$cmd" ||
     die "$cmd must build; see the output above"

@@ -26,6 +26,7 @@ var (
 	kubeletRoot = flag.String("e2e.kubelet-root", "/var/lib/kubelet", "kubelet's root directory")
 	keepLogs    = flag.String("e2e.logs", "", "copy the cluster's logs here when a test fails")
 	deployDir   = flag.String("e2e.deploy", "", "kustomize base with the CSIDriver, RBAC and classes (default <repo>/deploy/base)")
+	flavour     = flag.String("e2e.flavour", "", "run Spool in the cluster from deploy/<flavour> (single-node, local) instead of as host processes")
 	poolSize    = flag.String("e2e.pool-capacity", "3Gi", "capacity of the test pool")
 )
 
@@ -35,6 +36,7 @@ var env struct {
 	spool    *cluster.Spool
 	poolDir  string
 	spoolBin string
+	socket   string // the driver's socket on the host
 	workDir  string
 	started  time.Time
 	startDur time.Duration
@@ -95,6 +97,20 @@ func run(m *testing.M) (code int) {
 	}()
 
 	env.spoolBin = filepath.Join(root, "bin", "spool")
+	if *flavour != "" {
+		teardown, err := setupFlavour(ctx, root, logf)
+		if err != nil {
+			logf("deploy %s: %v", *flavour, err)
+			return 1
+		}
+		defer func() {
+			if err := teardown(); err != nil {
+				logf("remove %s: %v", *flavour, err)
+				code = 1
+			}
+		}()
+		return m.Run()
+	}
 	env.poolDir = filepath.Join(work, "pool")
 	if err := os.MkdirAll(env.poolDir, 0o755); err != nil {
 		logf("%v", err)
@@ -112,6 +128,7 @@ func run(m *testing.M) (code int) {
 		return 1
 	}
 	env.spool = s
+	env.socket = s.Socket
 	env.startDur = time.Since(env.started)
 	logf("cluster and spool ready in %.1fs", env.startDur.Seconds())
 	defer func() {

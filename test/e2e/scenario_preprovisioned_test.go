@@ -19,7 +19,7 @@ func TestPreProvisionedVolume(t *testing.T) {
 	pvName := "pre-" + ns
 	spool := func(args ...string) string {
 		t.Helper()
-		args = append(args, "--pool=default="+env.poolDir, "--node-id="+env.c.NodeName, "--endpoint=unix://"+env.spool.Socket)
+		args = append(args, "--pool=default="+env.poolDir, "--node-id="+env.c.NodeName, "--endpoint=unix://"+env.socket)
 		out, err := exec.Command(env.spoolBin, append([]string{"volume"}, args...)...).Output()
 		if err != nil {
 			var stderr string

@@ -75,6 +75,9 @@ parameters: {csi.storage.k8s.io/fstype: ext4}
 // the CSIStorageCapacity object of the node follows the pool, and a claim
 // larger than the pool keeps its pod Pending with a clear event.
 func TestCapacityTracking(t *testing.T) {
+	if env.spool == nil {
+		t.Skip("needs Spool as a host process (make e2e), not deploy/" + *flavour)
+	}
 	ns := namespace(t)
 	const class = "spool-ext4"
 	capacityOf := func() (int64, error) {

@@ -13,6 +13,9 @@ import (
 // writes to its volume. The pod keeps writing to the same data, the
 // sidecars come back, and new provisioning works after the restart.
 func TestDriverRestart(t *testing.T) {
+	if env.spool == nil {
+		t.Skip("needs Spool as a host process (make e2e), not deploy/" + *flavour)
+	}
 	ns := namespace(t)
 	apply(t, pvc(ns, pvcSpec{name: "data", class: "spool-ext4", size: "64Mi"}))
 	apply(t, pod(ns, "busy", "data",

@@ -93,7 +93,7 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		}
 		cfg.NodeName = strings.ToLower(h)
 	}
-	for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl", "pause"} {
+	for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl", "pause"} {
 		if _, err := os.Stat(filepath.Join(cfg.BinDir, b)); err != nil {
 			return nil, fmt.Errorf("%s is missing from %s (run hack/e2e-tools.sh): %w", b, cfg.BinDir, err)
 		}
@@ -138,6 +138,7 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		{"etcd and control plane", c.startControlPlane},
 		{"containerd and images", c.startContainerd},
 		{"kubelet", c.startKubelet},
+		{"kube-proxy", c.startKubeProxy},
 	}
 	for _, s := range steps {
 		t0 := time.Now()
@@ -204,6 +205,7 @@ func (c *Cluster) writePKI(context.Context) error {
 		{"kubelet", "system:node:" + c.NodeName, []string{"system:nodes"}, nil},
 		{"kubelet-serving", c.NodeName, nil, []string{c.NodeName, c.NodeIP, "127.0.0.1"}},
 		{"apiserver-kubelet-client", "kube-apiserver-kubelet-client", []string{"system:masters"}, nil},
+		{"kube-proxy", "system:kube-proxy", nil, nil},
 	}
 	for _, ct := range certs {
 		if err := p.issue(ct.name, ct.cn, ct.orgs, ct.hosts); err != nil {
@@ -263,7 +265,9 @@ func (c *Cluster) startControlPlane(ctx context.Context) error {
 	p := c.pkiPath
 	if _, err := c.start("kube-apiserver", nil, c.Bin("kube-apiserver"),
 		"--etcd-servers="+etcdURL,
-		"--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", apiPort), "--advertise-address=127.0.0.1",
+		// Pods reach the API server through the kubernetes Service, which
+		// kube-proxy maps to the advertised address: the node's, not loopback.
+		"--bind-address=0.0.0.0", fmt.Sprintf("--secure-port=%d", apiPort), "--advertise-address="+c.NodeIP,
 		"--tls-cert-file="+p("apiserver.crt"), "--tls-private-key-file="+p("apiserver.key"),
 		"--client-ca-file="+p("ca.crt"),
 		"--service-account-key-file="+p("sa.pub"), "--service-account-signing-key-file="+p("sa.key"),

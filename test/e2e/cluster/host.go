@@ -18,12 +18,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sysctls kubelet changes on start; teardown puts them back.
-var kubeletSysctls = []string{"vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops", "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes"}
+// sysctls kubelet, kube-proxy and the CNI bridge change; teardown puts them back.
+var hostSysctls = []string{"net/ipv4/ip_forward", "net/ipv4/conf/all/route_localnet", "vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops", "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes"}
 
 // Directories outside the work directory that kubelet, containerd and the
 // CNI plugins write to. Teardown removes what appeared in them.
-var hostDirs = []string{"/var/log/pods", "/var/log/containers", "/var/lib/cni", "/run/netns", "/run/containerd"}
+var hostDirs = []string{"/var/log/pods", "/var/log/containers", "/var/lib/cni", "/run/netns", "/run/containerd", "/var/lib/spool"}
 
 // hostState is what the host looked like before the cluster started.
 // It is also written to stateFile while the cluster runs, so that a run
@@ -135,7 +135,7 @@ func saveHostState(ctx context.Context, workDir, containerd, kubeletRoot string)
 	if _, err := os.Stat(kubeletRoot); errors.Is(err, os.ErrNotExist) {
 		h.KubeletRootNew = true
 	}
-	for _, s := range kubeletSysctls {
+	for _, s := range hostSysctls {
 		if b, err := os.ReadFile("/proc/sys/" + s); err == nil {
 			h.Sysctls[s] = strings.TrimSpace(string(b))
 		}
@@ -207,7 +207,7 @@ func (c *Cluster) Stop(ctx context.Context) error {
 		note(p.Stop(15 * time.Second))
 		note(killShims(c.containerd))
 	}
-	for _, name := range []string{"kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"} {
+	for _, name := range []string{"kube-proxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"} {
 		if p := c.procs[name]; p != nil {
 			note(p.Stop(15 * time.Second))
 		}

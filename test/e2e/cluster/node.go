@@ -188,3 +188,54 @@ syncFrequency: 10s
 		return nil
 	})
 }
+
+// startKubeProxy runs kube-proxy in iptables mode, so that pods reach the
+// API server through the kubernetes Service (10.0.0.1:443), as in-cluster
+// clients such as the CSI sidecars do.
+func (c *Cluster) startKubeProxy(ctx context.Context) error {
+	p := c.pkiPath
+	kc := filepath.Join(c.cfg.WorkDir, "kube-proxy.kubeconfig")
+	if err := writeKubeconfig(kc, c.Server, p("ca.crt"), p("kube-proxy.crt"), p("kube-proxy.key"), ""); err != nil {
+		return err
+	}
+	healthz, err := freePort()
+	if err != nil {
+		return err
+	}
+	metrics, err := freePort()
+	if err != nil {
+		return err
+	}
+	// conntrack limits 0: leave the host's conntrack sysctls alone.
+	config := fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: %s}
+mode: iptables
+clusterCIDR: %s
+hostnameOverride: %s
+healthzBindAddress: 127.0.0.1:%d
+metricsBindAddress: 127.0.0.1:%d
+conntrack: {maxPerCore: 0, min: 0}
+`, kc, podSubnet, c.NodeName, healthz, metrics)
+	cfgFile := filepath.Join(c.cfg.WorkDir, "kube-proxy.yaml")
+	if err := os.WriteFile(cfgFile, []byte(config), 0o644); err != nil {
+		return fmt.Errorf("write kube-proxy config: %w", err)
+	}
+	if _, err := c.start("kube-proxy", nil, c.Bin("kube-proxy"), "--config="+cfgFile, "--v=1"); err != nil {
+		return err
+	}
+	// Ready once it has written the rules of the kubernetes Service.
+	return waitFor(ctx, "kube-proxy rules for the kubernetes Service", 60*time.Second, 250*time.Millisecond, func() error {
+		if c.procs["kube-proxy"].Exited() {
+			return backoffStop(fmt.Errorf("kube-proxy exited; see %s", c.procs["kube-proxy"].Log))
+		}
+		out, err := run(ctx, "iptables-save", "-t", "nat")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(out, "default/kubernetes:https") {
+			return fmt.Errorf("no rule for default/kubernetes yet")
+		}
+		return nil
+	})
+}

@@ -58,25 +58,14 @@ func (c *Cluster) StartSpool(ctx context.Context, cfg SpoolConfig) (s *Spool, er
 		}
 	}()
 	t0 := time.Now()
-	// kubectl does not follow a symlink to a directory.
-	if cfg.CRDDir, err = filepath.EvalSymlinks(cfg.CRDDir); err != nil {
-		return s, fmt.Errorf("snapshot CRDs: %w", err)
-	}
-	if _, err := c.Kubectl(ctx, "apply", "--server-side", "-f", cfg.CRDDir); err != nil {
-		return s, fmt.Errorf("apply snapshot CRDs: %w", err)
-	}
-	if _, err := c.Kubectl(ctx, "wait", "--for=condition=Established", "--timeout=60s", "-f", cfg.CRDDir); err != nil {
-		return s, fmt.Errorf("snapshot CRDs: %w", err)
-	}
-	if _, err := c.Kubectl(ctx, "apply", "-k", cfg.DeployDir); err != nil {
-		return s, fmt.Errorf("apply %s: %w", cfg.DeployDir, err)
-	}
-	snapCtl, err := Supervise("snapshot-controller", c.logDir, nil, c.Bin("snapshot-controller"),
-		"--kubeconfig="+c.Kubeconfig, "--leader-election=false", "--v=2")
+	snapCtl, err := c.InstallSnapshots(ctx, cfg.CRDDir)
 	if err != nil {
 		return s, err
 	}
 	s.procs = append(s.procs, snapCtl)
+	if _, err := c.Kubectl(ctx, "apply", "-k", cfg.DeployDir); err != nil {
+		return s, fmt.Errorf("apply %s: %w", cfg.DeployDir, err)
+	}
 
 	if err := os.MkdirAll(filepath.Dir(s.Socket), 0o750); err != nil {
 		return s, fmt.Errorf("create the socket directory: %w", err)
@@ -136,6 +125,24 @@ func (c *Cluster) StartSpool(ctx context.Context, cfg SpoolConfig) (s *Spool, er
 	}
 	c.logf("spool: driver, registrar and sidecars up in %.1fs", time.Since(t0).Seconds())
 	return s, nil
+}
+
+// InstallSnapshots applies the snapshot CRDs and starts the snapshot
+// controller (a cluster component, not part of Spool) with extra flags.
+func (c *Cluster) InstallSnapshots(ctx context.Context, crdDir string, flags ...string) (*Proc, error) {
+	// kubectl does not follow a symlink to a directory.
+	dir, err := filepath.EvalSymlinks(crdDir)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot CRDs: %w", err)
+	}
+	if _, err := c.Kubectl(ctx, "apply", "--server-side", "-f", dir); err != nil {
+		return nil, fmt.Errorf("apply snapshot CRDs: %w", err)
+	}
+	if _, err := c.Kubectl(ctx, "wait", "--for=condition=Established", "--timeout=60s", "-f", dir); err != nil {
+		return nil, fmt.Errorf("snapshot CRDs: %w", err)
+	}
+	args := append([]string{c.Bin("snapshot-controller"), "--kubeconfig=" + c.Kubeconfig, "--leader-election=false", "--v=2"}, flags...)
+	return Supervise("snapshot-controller", c.logDir, nil, args...)
 }
 
 // ServiceAccountKubeconfig writes a kubeconfig that authenticates as the

@@ -1,0 +1,169 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spool-csi/spool/test/e2e/cluster"
+)
+
+// The deploy tier (make e2e-deploy): Spool and its sidecars run as pods from
+// deploy/<flavour>, unchanged, with images made here under the names the
+// manifests use. The scenarios then run through the in-cluster driver.
+
+const (
+	flavourPool   = "/var/lib/spool/default"
+	flavourSocket = "/var/lib/kubelet/plugins/spool.csi.dev/csi.sock"
+	systemNS      = "spool-system"
+)
+
+// setupFlavour validates every manifest and example against the API server,
+// makes and imports the images, applies the flavour and waits for its pods.
+// The returned teardown deletes the flavour and checks the node is clean.
+func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (func() error, error) {
+	c := env.c
+	dir := filepath.Join(root, "deploy", *flavour)
+	var snapFlags []string
+	if *flavour == "local" {
+		// Snapshots of node-local volumes are taken by each node's
+		// csi-snapshotter; the controller must say which node.
+		snapFlags = append(snapFlags, "--enable-distributed-snapshotting")
+	}
+	snapCtl, err := c.InstallSnapshots(ctx, *crdDir, snapFlags...)
+	if err != nil {
+		return nil, err
+	}
+	stopSnap := func() error { return snapCtl.Stop(15 * time.Second) }
+
+	// First, a dry run of every flavour and example on the server: a typo
+	// fails here in seconds, not after a pod times out. Namespaced objects
+	// need their namespace to exist for that.
+	t0 := time.Now()
+	if _, err := c.Kubectl(ctx, "create", "namespace", systemNS); err != nil {
+		return stopSnap, err
+	}
+	for _, d := range []string{"single-node", "local"} {
+		if _, err := c.Kubectl(ctx, "apply", "--dry-run=server", "-k", filepath.Join(root, "deploy", d)); err != nil {
+			return stopSnap, fmt.Errorf("server-side dry run of deploy/%s: %w", d, err)
+		}
+	}
+	if _, err := c.Kubectl(ctx, "apply", "--dry-run=server", "-f", filepath.Join(root, "examples")); err != nil {
+		return stopSnap, fmt.Errorf("server-side dry run of examples/: %w", err)
+	}
+	logf("deploy: every flavour and example passed the server-side dry run in %.1fs", time.Since(t0).Seconds())
+
+	rendered, err := c.Kubectl(ctx, "kustomize", dir)
+	if err != nil {
+		return stopSnap, err
+	}
+	t0 = time.Now()
+	images, err := c.ImportDeployImages(ctx, rendered, env.spoolBin)
+	if err != nil {
+		return stopSnap, err
+	}
+	logf("deploy: made and imported %d images in %.1fs: %s", len(images), time.Since(t0).Seconds(), strings.Join(images, ", "))
+
+	applied := time.Now()
+	if _, err := c.Kubectl(ctx, "apply", "-k", dir); err != nil {
+		return stopSnap, fmt.Errorf("apply deploy/%s: %w", *flavour, err)
+	}
+	teardown := func() error {
+		var errs []error
+		if err := checkNothingLeft(context.Background()); err != nil {
+			errs = append(errs, fmt.Errorf("after the scenarios: %w", err))
+		}
+		if _, err := c.Kubectl(context.Background(), "delete", "-k", dir, "--wait", "--timeout=180s"); err != nil {
+			errs = append(errs, err)
+		}
+		if err := nodeClean(); err != nil {
+			errs = append(errs, fmt.Errorf("after deleting deploy/%s: %w", *flavour, err))
+		}
+		errs = append(errs, forceDetachLoops(flavourPool), stopSnap())
+		return errors.Join(errs...)
+	}
+	if err := waitWorkloads(ctx, rendered); err != nil {
+		out, _ := c.Kubectl(ctx, "get", "pods,events", "-n", systemNS, "-o", "wide")
+		logf("deploy: pods and events:\n%s", out)
+		return teardown, err
+	}
+	ready := time.Since(applied)
+	if err := registered(ctx); err != nil {
+		return teardown, err
+	}
+	logf("deploy: kubectl apply -k deploy/%s to all pods Ready: %.1fs; driver registered with kubelet after %.1fs",
+		*flavour, ready.Seconds(), time.Since(applied).Seconds())
+	env.poolDir, env.socket = flavourPool, flavourSocket
+	return teardown, nil
+}
+
+// waitWorkloads waits for every DaemonSet and Deployment in the rendered
+// manifests to roll out.
+func waitWorkloads(ctx context.Context, rendered string) error {
+	var kind string
+	for _, l := range strings.Split(rendered, "\n") {
+		if k, ok := strings.CutPrefix(l, "kind: "); ok {
+			kind = strings.TrimSpace(k)
+			continue
+		}
+		name, ok := strings.CutPrefix(l, "  name: ")
+		if !ok || (kind != "DaemonSet" && kind != "Deployment") {
+			continue
+		}
+		obj := strings.ToLower(kind) + "/" + strings.TrimSpace(name)
+		if _, err := env.c.Kubectl(ctx, "rollout", "status", "-n", systemNS, obj, "--timeout=240s"); err != nil {
+			return fmt.Errorf("%s did not roll out: %w", obj, err)
+		}
+		kind = ""
+	}
+	return nil
+}
+
+func registered(ctx context.Context) error {
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		out, err := env.c.Kubectl(ctx, "get", "csinode", env.c.NodeName, "-o", "jsonpath={.spec.drivers[*].name}")
+		if err == nil && strings.Contains(out, cluster.DriverName) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kubelet has not registered %s: %q %v", cluster.DriverName, out, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// nodeClean checks, after the flavour is deleted, that its pods are gone and
+// that nothing of it remains mounted or attached on the node.
+func nodeClean() error {
+	out, err := env.c.Kubectl(context.Background(), "get", "pods", "-n", systemNS, "-o", "name", "--ignore-not-found")
+	if err != nil && !strings.Contains(err.Error(), "not found") {
+		return err
+	}
+	if strings.TrimSpace(out) != "" {
+		return fmt.Errorf("pods left: %s", out)
+	}
+	loops, err := loopsOf(flavourPool)
+	if err != nil {
+		return err
+	}
+	if len(loops) > 0 {
+		return fmt.Errorf("loop devices left: %v", loops)
+	}
+	mounts, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	for _, l := range strings.Split(string(mounts), "\n") {
+		if strings.Contains(l, "/kubernetes.io/csi/") || strings.Contains(l, flavourPool) {
+			return fmt.Errorf("mount left: %s", l)
+		}
+	}
+	return nil
+}
