@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 IMAGE ?= spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -42,6 +42,9 @@ e2e-tools: ## build (or reuse from .cache/e2e) the Kubernetes binaries, etcd and
 
 e2e: build ## end-to-end scenarios on a single-node Kubernetes started here (root; cold build ~25 min, warm run ~7 min)
 	hack/e2e.sh
+
+e2e-deploy: build ## deploy/single-node and deploy/local as pods in that cluster, scenarios 1, 3, 4, 5, 8 through them (root)
+	hack/e2e.sh --deploy
 
 run: build ## start the driver on a temp pool, walk one volume through its life, keep serving
 	hack/run.sh

@@ -3,9 +3,16 @@
 # the end-to-end scenarios in test/e2e against a single-node Kubernetes that
 # the test starts on this machine and tears down again. Needs root.
 #
-# Extra arguments go to `go test` after -args, e.g.
+# With --deploy (make e2e-deploy) Spool runs in the cluster from deploy/
+# instead: each flavour (single-node, then local) is applied unchanged, with
+# images made here under the names the manifests use, and scenarios 1, 3, 4,
+# 5 and 8 run through the in-cluster driver.
+#
+# Extra arguments go to the test binary, e.g.
 #   hack/e2e.sh -test.run TestAttach
 set -euo pipefail
+DEPLOY=false
+if [ "${1:-}" = --deploy ]; then DEPLOY=true; shift; fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
@@ -32,8 +39,29 @@ source "${SPOOL_E2E_CACHE:-$REPO/.cache/e2e}/k8s-$K8S_VERSION/versions.env"
 export E2E_BIN E2E_CRDS
 echo "e2e: tools ready in $(( $(date +%s) - t0 ))s"
 
-go test -tags e2e -count=1 -timeout 45m -v ./test/e2e -args -e2e.logs "$REPO/_output/e2e-logs" "$@" 2>&1 |
-  grep -vE '^=== (RUN|PAUSE|CONT)'
-rc=${PIPESTATUS[0]}
+# run_tests ARGS...: one run of the e2e binary (one cluster), output filtered.
+run_tests() {
+  local rc
+  set +e
+  go test -tags e2e -count=1 -timeout 45m -v ./test/e2e -args -e2e.logs "$REPO/_output/e2e-logs" "$@" 2>&1 |
+    grep -vE '^=== (RUN|PAUSE|CONT)'
+  rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
+
+rc=0
+if $DEPLOY; then
+  for flavour in single-node local; do
+    t1=$(date +%s)
+    echo "e2e: deploy/$flavour"
+    run_tests -e2e.flavour "$flavour" \
+      -test.run 'TestDynamicProvisioningImmediate|TestPreProvisionedVolume|TestAttach|TestRawBlock|TestSnapshotRestoreClone' "$@" || rc=$?
+    echo "e2e: deploy/$flavour finished in $(( $(date +%s) - t1 ))s"
+    [ "$rc" = 0 ] || break
+  done
+else
+  run_tests "$@" || rc=$?
+fi
 echo "e2e: finished in $(( $(date +%s) - t0 ))s (exit $rc)"
 exit "$rc"
