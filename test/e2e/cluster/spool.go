@@ -26,9 +26,9 @@ type SpoolConfig struct {
 // sidecar is one CSI sidecar run as a host process with the identity of its
 // ServiceAccount from deploy/base, so the RBAC rules there are what it gets.
 type sidecar struct {
-	name, binary, serviceAccount string
-	args                         []string
-	env                          []string
+	name, serviceAccount string
+	args                 []string
+	env                  []string
 }
 
 // Spool is the driver, its registrar and sidecars running on the node.
