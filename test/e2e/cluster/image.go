@@ -104,7 +104,11 @@ func (img *Image) WriteOCI(dst string) error {
 		return err
 	}
 	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
+	// Fastest compression: the tarball is imported at once, never shipped.
+	zw, err := gzip.NewWriterLevel(&gz, gzip.BestSpeed)
+	if err != nil {
+		return fmt.Errorf("compress layer: %w", err)
+	}
 	if _, err := zw.Write(layer); err != nil {
 		return fmt.Errorf("compress layer: %w", err)
 	}
