@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 IMAGE ?= spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-external e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -45,6 +45,9 @@ e2e: build ## end-to-end scenarios on a single-node Kubernetes started here (roo
 
 e2e-deploy: build ## deploy/single-node and deploy/local as pods in that cluster, scenarios 1, 3, 4, 5, 8 through them (root)
 	hack/e2e.sh --deploy
+
+e2e-external: build ## the Kubernetes external storage e2e suite against Spool (root; builds e2e.test once)
+	hack/e2e.sh --external
 
 run: build ## start the driver on a temp pool, walk one volume through its life, keep serving
 	hack/run.sh

@@ -9,6 +9,8 @@
 #   $SPOOL_E2E_CACHE/sidecars/<repo>-<ver>/bin/<cmd>
 #   $SPOOL_E2E_CACHE/sidecars/external-snapshotter-<ver>/crds/*.yaml
 #
+# With --external it also builds e2e.test and agnhost (make e2e-external).
+#
 # SPOOL_E2E_CACHE defaults to <repo>/.cache/e2e. Kubernetes and etcd come from
 # the versions pinned in test/e2e/tools/go.mod. The sidecars are the newest
 # release of their major version that the Go module proxy serves, unless
@@ -110,6 +112,23 @@ for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl
 done
 build_into "$BIN/etcd" "$TOOLS_DIR" -- go.etcd.io/etcd/server/v3 ||
   die "etcd $ETCD_VERSION must build; see the output above (fallback: Debian's etcd-server package)"
+
+# With --external: e2e.test (the Kubernetes e2e suite, for make
+# e2e-external) and agnhost (for its test image), cached like the rest.
+if [ "${1:-}" = --external ]; then
+  CGO_ENABLED=0 build_into "$BIN/agnhost" "$TOOLS_DIR" -- k8s.io/kubernetes/test/images/agnhost ||
+    die "agnhost must build; see the output above"
+  if [ -x "$BIN/e2e.test" ]; then
+    SUMMARY+=("$(printf '%-24s cached   %s' e2e.test "$BIN/e2e.test")")
+  else
+    log "e2e.test: building ..."
+    t0=$(date +%s.%N)
+    (cd "$TOOLS_DIR" && go test -c -trimpath -ldflags "$K8S_LDFLAGS" -o "$BIN/e2e.test.tmp.$$" k8s.io/kubernetes/test/e2e) \
+      >"$WORK/e2e.test.log" 2>&1 || { tail -n 30 "$WORK/e2e.test.log" >&2; rm -f "$BIN/e2e.test.tmp.$$"; die "e2e.test must build"; }
+    mv -f "$BIN/e2e.test.tmp.$$" "$BIN/e2e.test"
+    SUMMARY+=("$(printf '%-24s built    in %6ss' e2e.test "$(elapsed "$t0")")")
+  fi
+fi
 
 # The harness's own helpers from the tools module: the plugin registrar that
 # stands in for node-driver-registrar, and the pod sandbox (pause) binary.

@@ -8,11 +8,16 @@
 # images made here under the names the manifests use, and scenarios 1, 3, 4,
 # 5 and 8 run through the in-cluster driver.
 #
+# With --external (make e2e-external) it runs the Kubernetes external storage
+# e2e suite (e2e.test) against Spool with test/e2e/external/test-driver-*.yaml
+# and prints "N passed, M failed, K skipped".
+#
 # Extra arguments go to the test binary, e.g.
 #   hack/e2e.sh -test.run TestAttach
 set -euo pipefail
-DEPLOY=false
+DEPLOY=false EXTERNAL=false
 if [ "${1:-}" = --deploy ]; then DEPLOY=true; shift; fi
+if [ "${1:-}" = --external ]; then EXTERNAL=true; shift; fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
@@ -32,7 +37,7 @@ export CSI_RESIZER_VERSION=${CSI_RESIZER_VERSION:-v2.3.0}
 export CSI_SNAPSHOTTER_VERSION=${CSI_SNAPSHOTTER_VERSION:-v8.7.0}
 
 t0=$(date +%s)
-hack/e2e-tools.sh
+if $EXTERNAL; then hack/e2e-tools.sh --external; else hack/e2e-tools.sh; fi
 K8S_VERSION=$(cd test/e2e/tools && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' k8s.io/kubernetes)
 # shellcheck source=/dev/null
 source "${SPOOL_E2E_CACHE:-$REPO/.cache/e2e}/k8s-$K8S_VERSION/versions.env"
@@ -51,7 +56,16 @@ run_tests() {
 }
 
 rc=0
-if $DEPLOY; then
+if $EXTERNAL; then
+  for flavour in single-node; do
+    t1=$(date +%s)
+    echo "e2e: external storage suite, $flavour"
+    run_tests -test.run TestExternalStorageSuite -e2e.pool-capacity=50Gi \
+      -e2e.external "external/test-driver-$flavour.yaml" \
+      -e2e.external-report "$REPO/_output/e2e-external/$flavour" "$@" || rc=$?
+    echo "e2e: external storage suite, $flavour, finished in $(( $(date +%s) - t1 ))s"
+  done
+elif $DEPLOY; then
   for flavour in single-node local; do
     t1=$(date +%s)
     echo "e2e: deploy/$flavour"

@@ -37,7 +37,7 @@ type Config struct {
 
 // Image names the cluster imports into containerd.
 const (
-	PauseImageName   = "registry.k8s.io/pause:3.10"
+	PauseImageName   = "registry.k8s.io/pause:3.10.2" // the tag the Kubernetes e2e suite names
 	BusyboxImageName = "registry.k8s.io/e2e-test-images/busybox:1.37.0-1"
 	cniNetwork       = "spool-e2e"
 	cniBridge        = "spool-e2e0"
