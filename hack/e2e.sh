@@ -48,7 +48,7 @@ echo "e2e: tools ready in $(( $(date +%s) - t0 ))s"
 run_tests() {
   local rc
   set +e
-  go test -tags e2e -count=1 -timeout 45m -v ./test/e2e -args -e2e.logs "$REPO/_output/e2e-logs" "$@" 2>&1 |
+  go test -tags e2e -count=1 -timeout 120m -v ./test/e2e -args -e2e.logs "$REPO/_output/e2e-logs" "$@" 2>&1 |
     grep -vE '^=== (RUN|PAUSE|CONT)'
   rc=${PIPESTATUS[0]}
   set -e

@@ -33,7 +33,9 @@ func TestExternalStorageSuite(t *testing.T) {
 	if *externalDriver == "" {
 		t.Skip("-e2e.external not given (make e2e-external)")
 	}
-	ctx := ctxFor(t)
+	// The suite runs for tens of minutes: longer than ctxFor allows.
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Minute)
+	defer cancel()
 	driverFile, err := filepath.Abs(*externalDriver)
 	if err != nil {
 		t.Fatal(err)
@@ -69,7 +71,7 @@ func TestExternalStorageSuite(t *testing.T) {
 		"-storage.testdriver=" + driverFile,
 		"-ginkgo.focus=External.Storage",
 		`-ginkgo.skip=Disruptive|Serial|Slow|\[Feature:`,
-		"-ginkgo.timeout=80m",
+		"-ginkgo.timeout=90m",
 		"-ginkgo.no-color",
 		"-system-pods-startup-timeout=1m",
 	}
