@@ -7,7 +7,7 @@ CACHE ?= $(CURDIR)/.cache
 CSI_TEST_VERSION := v5.6.0
 CSI_SANITY := $(CACHE)/tools/csi-sanity-$(CSI_TEST_VERSION)
 STATICCHECK_VERSION := v0.8.2
-IMAGE ?= spool:$(VERSION)
+IMAGE ?= ghcr.io/spool-csi/spool:$(VERSION)
 FUZZTIME ?= 10s
 
 .PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-external e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
