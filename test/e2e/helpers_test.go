@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -264,19 +263,7 @@ func poolVolumes() ([]string, error) {
 }
 
 // loopsOf lists loop devices backed by files under dir.
-func loopsOf(dir string) ([]string, error) {
-	out, err := exec.Command("losetup", "-a").CombinedOutput()
-	if err != nil {
-		return nil, fmt.Errorf("losetup -a: %w: %s", err, out)
-	}
-	var loops []string
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.Contains(l, dir+"/") {
-			loops = append(loops, l)
-		}
-	}
-	return loops, nil
-}
+func loopsOf(dir string) ([]string, error) { return cluster.LoopsUnder(context.Background(), dir) }
 
 // checkNothingLeft is scenario 10's check over the whole run: no PV, no
 // VolumeAttachment, nothing in the pool, no loop device, no CSI mount.
@@ -330,13 +317,9 @@ func nothingLeft(ctx context.Context) error {
 // forceDetachLoops detaches loop devices still backed by pool images after
 // the driver stopped, and reports them as a leak.
 func forceDetachLoops(dir string) error {
-	loops, err := loopsOf(dir)
+	loops, err := cluster.DetachLoopsUnder(context.Background(), dir)
 	if err != nil {
 		return err
-	}
-	for _, l := range loops {
-		dev := strings.SplitN(l, ":", 2)[0]
-		_ = exec.Command("losetup", "-d", dev).Run()
 	}
 	if len(loops) > 0 {
 		return fmt.Errorf("loop devices leaked (now detached): %v", loops)

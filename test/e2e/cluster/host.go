@@ -73,7 +73,7 @@ func CleanStale(ctx context.Context, logf func(string, ...any)) error {
 	logf("cleaning up after a run that did not tear down (work directory %s)", h.WorkDir)
 	errs := []error{killCgroupProcs("kubepods"), killShims(h.Containerd), killUnder(h.WorkDir)}
 	errs = append(errs, h.restore(ctx))
-	if err := detachLoopsUnder(ctx, h.WorkDir); err != nil {
+	if _, err := DetachLoopsUnder(ctx, h.WorkDir); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -105,23 +105,37 @@ func killUnder(dir string) error {
 	return nil
 }
 
-// detachLoopsUnder detaches loop devices backed by files below dir.
-func detachLoopsUnder(ctx context.Context, dir string) error {
+// LoopsUnder lists the loop devices (losetup -a lines) backed by files
+// below dir.
+func LoopsUnder(ctx context.Context, dir string) ([]string, error) {
 	out, err := run(ctx, "losetup", "-a")
 	if err != nil {
-		return err
+		return nil, err
+	}
+	var loops []string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, dir+"/") {
+			loops = append(loops, l)
+		}
+	}
+	return loops, nil
+}
+
+// DetachLoopsUnder detaches the loop devices backed by files below dir and
+// returns what it found attached.
+func DetachLoopsUnder(ctx context.Context, dir string) ([]string, error) {
+	loops, err := LoopsUnder(ctx, dir)
+	if err != nil {
+		return nil, err
 	}
 	var errs []error
-	for _, l := range strings.Split(out, "\n") {
-		if !strings.Contains(l, dir+"/") {
-			continue
-		}
+	for _, l := range loops {
 		dev, _, _ := strings.Cut(l, ":")
 		if _, err := run(ctx, "losetup", "-d", dev); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	return errors.Join(errs...)
+	return loops, errors.Join(errs...)
 }
 
 func saveHostState(ctx context.Context, workDir, containerd, kubeletRoot string) (*hostState, error) {
