@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -149,21 +148,5 @@ func nodeClean() error {
 	if strings.TrimSpace(out) != "" {
 		return fmt.Errorf("pods left: %s", out)
 	}
-	loops, err := loopsOf(flavourPool)
-	if err != nil {
-		return err
-	}
-	if len(loops) > 0 {
-		return fmt.Errorf("loop devices left: %v", loops)
-	}
-	mounts, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return err
-	}
-	for _, l := range strings.Split(string(mounts), "\n") {
-		if strings.Contains(l, "/kubernetes.io/csi/") || strings.Contains(l, flavourPool) {
-			return fmt.Errorf("mount left: %s", l)
-		}
-	}
-	return nil
+	return nodeHolds(flavourPool)
 }

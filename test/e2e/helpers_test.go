@@ -295,7 +295,13 @@ func nothingLeft(ctx context.Context) error {
 	if len(vols) > 0 {
 		return fmt.Errorf("pool still holds %v", vols)
 	}
-	loops, err := loopsOf(env.poolDir)
+	return nodeHolds(env.poolDir)
+}
+
+// nodeHolds fails when a loop device backed by the pool, a CSI mount or a
+// mount under the pool remains on the node.
+func nodeHolds(pool string) error {
+	loops, err := loopsOf(pool)
 	if err != nil {
 		return err
 	}
@@ -307,11 +313,29 @@ func nothingLeft(ctx context.Context) error {
 		return err
 	}
 	for _, l := range strings.Split(string(mounts), "\n") {
-		if strings.Contains(l, "/kubernetes.io/csi/") || strings.Contains(l, env.poolDir) {
+		if strings.Contains(l, "/kubernetes.io/csi/") || strings.Contains(l, pool) {
 			return fmt.Errorf("CSI mount left: %s", l)
 		}
 	}
 	return nil
+}
+
+// storageClass makes a StorageClass for one test and deletes it at the end.
+func storageClass(t *testing.T, name, binding string, mountOptions ...string) {
+	t.Helper()
+	opts := ""
+	if len(mountOptions) > 0 {
+		opts = "mountOptions: [" + strings.Join(mountOptions, ", ") + "]\n"
+	}
+	apply(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: %s}
+provisioner: spool.csi.dev
+volumeBindingMode: %s
+reclaimPolicy: Delete
+%sparameters: {csi.storage.k8s.io/fstype: ext4}
+`, name, binding, opts))
+	t.Cleanup(func() { kubectl(t, "delete", "storageclass", name) })
 }
 
 // forceDetachLoops detaches loop devices still backed by pool images after

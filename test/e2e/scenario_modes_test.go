@@ -53,16 +53,7 @@ func TestFilesystemsAndMountOptions(t *testing.T) {
 	t.Run("mount options", func(t *testing.T) {
 		ns := namespace(t)
 		class := "spool-e2e-opts-" + ns
-		apply(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: %s}
-provisioner: spool.csi.dev
-volumeBindingMode: WaitForFirstConsumer
-reclaimPolicy: Delete
-mountOptions: [noatime, nodiratime]
-parameters: {csi.storage.k8s.io/fstype: ext4}
-`, class))
-		t.Cleanup(func() { kubectl(t, "delete", "storageclass", class) })
+		storageClass(t, class, "WaitForFirstConsumer", "noatime", "nodiratime")
 		apply(t, pvc(ns, pvcSpec{name: "data", class: class, size: "64Mi"}))
 		out := runPod(t, ns, "check", "data", "grep ' /data ' /proc/mounts", false, false)
 		if !strings.Contains(out, " /data ext4 ") || !strings.Contains(out, "noatime") || !strings.Contains(out, "nodiratime") {

@@ -15,15 +15,7 @@ import (
 func TestDynamicProvisioningImmediate(t *testing.T) {
 	ns := namespace(t)
 	class := "spool-e2e-immediate-" + ns
-	apply(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: %s}
-provisioner: spool.csi.dev
-volumeBindingMode: Immediate
-reclaimPolicy: Delete
-parameters: {csi.storage.k8s.io/fstype: ext4}
-`, class))
-	t.Cleanup(func() { kubectl(t, "delete", "storageclass", class) })
+	storageClass(t, class, "Immediate")
 
 	t0 := time.Now()
 	apply(t, pvc(ns, pvcSpec{name: "data", class: class, size: "100Mi"}))
