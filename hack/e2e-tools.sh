@@ -9,7 +9,8 @@
 #   $SPOOL_E2E_CACHE/sidecars/<repo>-<ver>/bin/<cmd>
 #   $SPOOL_E2E_CACHE/sidecars/external-snapshotter-<ver>/crds/*.yaml
 #
-# With --external it also builds e2e.test and agnhost (make e2e-external).
+# With --external it also builds e2e.test, agnhost and the ginkgo CLI (make
+# e2e-external).
 #
 # SPOOL_E2E_CACHE defaults to <repo>/.cache/e2e. Kubernetes and etcd come from
 # the versions pinned in test/e2e/tools/go.mod. The sidecars are the newest
@@ -118,6 +119,9 @@ build_into "$BIN/etcd" "$TOOLS_DIR" -- go.etcd.io/etcd/server/v3 ||
 if [ "${1:-}" = --external ]; then
   CGO_ENABLED=0 build_into "$BIN/agnhost" "$TOOLS_DIR" -- k8s.io/kubernetes/test/images/agnhost ||
     die "agnhost must build; see the output above"
+  # The ginkgo CLI runs e2e.test in parallel processes.
+  build_into "$BIN/ginkgo" "$TOOLS_DIR" -- github.com/onsi/ginkgo/v2/ginkgo ||
+    die "ginkgo must build; see the output above"
   if [ -x "$BIN/e2e.test" ]; then
     SUMMARY+=("$(printf '%-24s cached   %s' e2e.test "$BIN/e2e.test")")
   else

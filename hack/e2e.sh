@@ -9,8 +9,10 @@
 # 5 and 8 run through the in-cluster driver.
 #
 # With --external (make e2e-external) it runs the Kubernetes external storage
-# e2e suite (e2e.test) against Spool with test/e2e/external/test-driver-*.yaml
-# and prints "N passed, M failed, K skipped".
+# e2e suite (e2e.test, in 4 parallel ginkgo processes) against each flavour,
+# applied in the cluster as with --deploy, with
+# test/e2e/external/test-driver-<flavour>.yaml, and prints "N passed,
+# M failed, K skipped" per flavour.
 #
 # Extra arguments go to the test binary, e.g.
 #   hack/e2e.sh -test.run TestAttach
@@ -57,13 +59,15 @@ run_tests() {
 
 rc=0
 if $EXTERNAL; then
-  for flavour in single-node; do
+  # Each flavour as shipped (deploy/<flavour>, applied unchanged in the
+  # cluster, as make e2e-deploy does), with its own test-driver file.
+  for flavour in single-node local; do
     t1=$(date +%s)
-    echo "e2e: external storage suite, $flavour"
-    run_tests -test.run TestExternalStorageSuite -e2e.pool-capacity=50Gi \
+    echo "e2e: external storage suite, deploy/$flavour"
+    run_tests -test.run TestExternalStorageSuite -e2e.flavour "$flavour" \
       -e2e.external "external/test-driver-$flavour.yaml" \
       -e2e.external-report "$REPO/_output/e2e-external/$flavour" "$@" || rc=$?
-    echo "e2e: external storage suite, $flavour, finished in $(( $(date +%s) - t1 ))s"
+    echo "e2e: external storage suite, deploy/$flavour, finished in $(( $(date +%s) - t1 ))s"
   done
 elif $DEPLOY; then
   for flavour in single-node local; do

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/xml"
 	"flag"
@@ -12,6 +13,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +25,8 @@ import (
 var (
 	externalDriver = flag.String("e2e.external", "", "run the Kubernetes external storage e2e suite with this test-driver.yaml")
 	externalReport = flag.String("e2e.external-report", "", "directory for the suite's JUnit report and log")
-	knownFailures  = flag.String("e2e.known-failures", "external/known-environment-failures.txt", "failures this sandbox causes, one spec name substring a line")
+	knownFailures  = flag.String("e2e.known-failures", "external/known-environment-failures.txt", "failures this sandbox causes, one spec name pattern a line")
+	externalProcs  = flag.Int("e2e.external-procs", 4, "parallel ginkgo processes for the external storage suite")
 )
 
 // TestExternalStorageSuite runs k8s.io/kubernetes/test/e2e/storage/external
@@ -60,7 +64,23 @@ func TestExternalStorageSuite(t *testing.T) {
 	}
 	defer logFile.Close()
 	c := env.c
+	skip := `Disruptive|Serial|Slow|\[Feature:`
+	for _, e := range known {
+		if e.requires == "" || hostHas(e.requires) {
+			continue
+		}
+		t.Logf("skipped, this host lacks %s: %s (%s)", e.requires, e.pattern, e.reason)
+		skip += "|" + e.regexp()
+	}
+	// The ginkgo CLI runs e2e.test in parallel processes: the specs mostly
+	// wait on pods and volumes, so a 2-core machine runs several at once.
 	args := []string{
+		"--procs=" + strconv.Itoa(*externalProcs),
+		"--focus=External.Storage",
+		"--skip=" + skip,
+		"--timeout=90m",
+		"--no-color",
+		c.Bin("e2e.test"), "--",
 		"-kubeconfig=" + c.Kubeconfig,
 		"-provider=skeleton",
 		"-kubectl-path=" + c.Bin("kubectl"),
@@ -69,15 +89,17 @@ func TestExternalStorageSuite(t *testing.T) {
 		"-report-dir=" + report,
 		"-disable-log-dump",
 		"-storage.testdriver=" + driverFile,
-		"-ginkgo.focus=External.Storage",
-		`-ginkgo.skip=Disruptive|Serial|Slow|\[Feature:`,
-		"-ginkgo.timeout=90m",
-		"-ginkgo.no-color",
+		// Files the test driver names (its StorageClass) are relative to it.
+		"-repo-root=" + filepath.Dir(driverFile),
 		"-system-pods-startup-timeout=1m",
 	}
 	t0 := time.Now()
-	cmd := exec.CommandContext(ctx, c.Bin("e2e.test"), args...)
+	cmd := exec.CommandContext(ctx, c.Bin("ginkgo"), args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// The CLI compares its version with "go list -m" run in the binary's
+	// directory, which finds Spool's go.mod, not the tools module e2e.test
+	// and the CLI were both built from: without modules it skips the check.
+	cmd.Env = append(os.Environ(), "GO111MODULE=off")
 	runErr := cmd.Run()
 	wall := time.Since(t0)
 
@@ -85,9 +107,19 @@ func TestExternalStorageSuite(t *testing.T) {
 	if err != nil {
 		t.Fatalf("e2e.test (%v): %v; see %s", runErr, err, logFile.Name())
 	}
-	failed, err := junitFailures(filepath.Join(report, "junit_01.xml"))
+	failed, skips, err := junitResults(filepath.Join(report, "junit_01.xml"))
 	if err != nil {
 		t.Fatal(err)
+	}
+	// Why the suite skipped the specs it selected, grouped: the figure to
+	// compare with the driver's capabilities.
+	var reasons []string
+	for r := range skips {
+		reasons = append(reasons, r)
+	}
+	slices.SortFunc(reasons, func(a, b string) int { return cmp.Or(skips[b]-skips[a], strings.Compare(a, b)) })
+	for _, r := range reasons {
+		t.Logf("skipped %3d: %s", skips[r], r)
 	}
 	var unexpected []string
 	for _, name := range failed {
@@ -97,9 +129,10 @@ func TestExternalStorageSuite(t *testing.T) {
 		}
 		unexpected = append(unexpected, name)
 	}
-	t.Logf("external storage suite (%s): %d passed, %d failed, %d skipped of %d selected, in %s",
-		filepath.Base(driverFile), summary.passed, summary.failed, summary.skipped, summary.ran+summary.skipped, wall.Round(time.Second))
-	fmt.Printf("%d passed, %d failed, %d skipped\n", summary.passed, summary.failed, summary.skipped)
+	skipped := summary.selected - summary.ran
+	t.Logf("external storage suite (%s): %d passed, %d failed, %d skipped of %d selected (of %d specs), in %s",
+		filepath.Base(driverFile), summary.passed, summary.failed, skipped, summary.selected, summary.total, wall.Round(time.Second))
+	fmt.Printf("%d passed, %d failed, %d skipped\n", summary.passed, summary.failed, skipped)
 	for _, u := range unexpected {
 		t.Errorf("failed: %s", u)
 	}
@@ -108,9 +141,12 @@ func TestExternalStorageSuite(t *testing.T) {
 	}
 }
 
-type suiteCounts struct{ ran, passed, failed, skipped int }
+// suiteCounts: total specs, selected by focus and skip, ran (the rest the
+// suite skipped at run time, for want of a capability), passed and failed.
+type suiteCounts struct{ total, selected, ran, passed, failed int }
 
 var (
+	selectRE = regexp.MustCompile(`Will run (\d+) of (\d+) specs`)
 	ranRE    = regexp.MustCompile(`Ran (\d+) of (\d+) Specs`)
 	countsRE = regexp.MustCompile(`(\d+) Passed \| (\d+) Failed \| (\d+) Pending \| (\d+) Skipped`)
 )
@@ -123,24 +159,28 @@ func suiteSummary(log string) (suiteCounts, error) {
 		return suiteCounts{}, err
 	}
 	var s suiteCounts
+	w := selectRE.FindSubmatch(b)
 	r := ranRE.FindAllSubmatch(b, -1)
 	c := countsRE.FindAllSubmatch(b, -1)
-	if len(r) == 0 || len(c) == 0 {
+	if w == nil || len(r) == 0 || len(c) == 0 {
 		return s, fmt.Errorf("no ginkgo summary in %s", log)
 	}
-	fmt.Sscan(string(r[len(r)-1][1]), &s.ran)
+	s.selected, _ = strconv.Atoi(string(w[1]))
+	s.total, _ = strconv.Atoi(string(w[2]))
+	s.ran, _ = strconv.Atoi(string(r[len(r)-1][1]))
 	last := c[len(c)-1]
-	fmt.Sscan(string(last[1]), &s.passed)
-	fmt.Sscan(string(last[2]), &s.failed)
-	fmt.Sscan(string(last[4]), &s.skipped)
+	s.passed, _ = strconv.Atoi(string(last[1]))
+	s.failed, _ = strconv.Atoi(string(last[2]))
 	return s, nil
 }
 
-// junitFailures lists the names of the failed specs in a JUnit report.
-func junitFailures(path string) ([]string, error) {
+// junitResults lists the names of the failed specs in a JUnit report, and
+// counts the specs skipped at run time by the reason they give (specs the
+// focus and skip flags left out say only "skipped" and are not counted).
+func junitResults(path string) (failed []string, skips map[string]int, err error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("JUnit report: %w", err)
+		return nil, nil, fmt.Errorf("JUnit report: %w", err)
 	}
 	var r struct {
 		Suites []struct {
@@ -149,37 +189,76 @@ func junitFailures(path string) ([]string, error) {
 				Status  string    `xml:"status,attr"`
 				Failure *struct{} `xml:"failure"`
 				Error   *struct{} `xml:"error"`
+				Skipped *struct {
+					Message string `xml:"message,attr"`
+				} `xml:"skipped"`
 			} `xml:"testcase"`
 		} `xml:"testsuite"`
 	}
 	if err := xml.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("decode %s: %w", path, err)
+		return nil, nil, fmt.Errorf("decode %s: %w", path, err)
 	}
-	var failed []string
+	skips = map[string]int{}
 	for _, s := range r.Suites {
 		for _, c := range s.Cases {
-			if c.Status == "failed" || c.Status == "panicked" || c.Status == "timedout" || c.Failure != nil || c.Error != nil {
+			switch {
+			case c.Status == "failed" || c.Status == "panicked" || c.Status == "timedout" || c.Failure != nil || c.Error != nil:
 				failed = append(failed, c.Name)
+			case c.Skipped != nil && c.Skipped.Message != "skipped":
+				reason := strings.TrimPrefix(c.Skipped.Message, "skipped - ")
+				if i := strings.IndexByte(reason, '\n'); i >= 0 {
+					reason = reason[:i]
+				}
+				skips[reason]++
 			}
 		}
 	}
-	return failed, nil
+	return failed, skips, nil
 }
 
-// knownList maps spec name substrings to the reason they fail here.
-type knownList []struct{ pattern, reason string }
+// knownEntry is one line of the known environment failures: a spec name
+// pattern (substrings that appear in this order, joined by " && "), why it
+// fails here, and optionally the host capability it needs. An entry with a
+// requirement is skipped up front on hosts without it, rather than waited out
+// (online ext4 growth times out after ten minutes), and runs everywhere else.
+type knownEntry struct{ pattern, reason, requires string }
+
+func (e knownEntry) parts() []string { return strings.Split(e.pattern, " && ") }
+
+// regexp is the pattern as a ginkgo --skip alternative.
+func (e knownEntry) regexp() string {
+	var q []string
+	for _, p := range e.parts() {
+		q = append(q, regexp.QuoteMeta(p))
+	}
+	return strings.Join(q, ".*")
+}
+
+func (e knownEntry) matches(name string) bool {
+	for _, p := range e.parts() {
+		i := strings.Index(name, p)
+		if i < 0 {
+			return false
+		}
+		name = name[i+len(p):]
+	}
+	return true
+}
+
+type knownList []knownEntry
 
 func (k knownList) match(name string) (string, bool) {
 	for _, e := range k {
-		if strings.Contains(name, e.pattern) {
+		if e.matches(name) {
 			return e.reason, true
 		}
 	}
 	return "", false
 }
 
-// readKnownFailures reads "substring  # reason" lines; blank lines and
-// lines starting with # are comments.
+// readKnownFailures reads "[requires CAP] pattern # reason" lines, the
+// "[requires CAP] " prefix optional; blank lines and lines starting with #
+// are comments.
 func readKnownFailures(path string) (knownList, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -193,10 +272,42 @@ func readKnownFailures(path string) (knownList, error) {
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
+		var e knownEntry
+		if rest, ok := strings.CutPrefix(line, "[requires "); ok {
+			req, after, ok := strings.Cut(rest, "] ")
+			if !ok || capabilityBit[req] == 0 {
+				return nil, fmt.Errorf("%s: %q: want [requires CAP_NAME] with a known capability", path, line)
+			}
+			e.requires, line = req, after
+		}
 		pattern, reason, _ := strings.Cut(line, " # ")
-		k = append(k, struct{ pattern, reason string }{strings.TrimSpace(pattern), strings.TrimSpace(reason)})
+		e.pattern, e.reason = strings.TrimSpace(pattern), strings.TrimSpace(reason)
+		if e.reason == "" {
+			return nil, fmt.Errorf("%s: %q: every known failure needs a reason after \" # \"", path, line)
+		}
+		k = append(k, e)
 	}
 	return k, sc.Err()
+}
+
+// capabilityBit names the capabilities a known failure can require, with
+// their bit numbers from linux/capability.h.
+var capabilityBit = map[string]uint{"CAP_SYS_RESOURCE": 24, "CAP_SYS_ADMIN": 21}
+
+// hostHas reports whether this process (root, as the driver it starts) has
+// the capability in its effective set.
+func hostHas(capName string) bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			eff, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && eff&(1<<capabilityBit[capName]) != 0
+		}
+	}
+	return false
 }
 
 // importSuiteImages makes the images the storage tests use, under the names
