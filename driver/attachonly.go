@@ -29,8 +29,14 @@ func (d *Driver) publishNodeLocal(req *csi.ControllerPublishVolumeRequest) (*csi
 	if err != nil {
 		return nil, notFoundf("volume %q not found: %v", id, err)
 	}
+	if vid.Shared() {
+		return nil, notFoundf("volume %s is in shared pool %s, which this attach controller does not serve: shared pools need a controller with --pool %s=DIR,shared", id, vid.Pool, vid.Pool)
+	}
 	if node != vid.Node {
 		return nil, notFoundf("node %q not found: volume %s lives in a local pool of node %s", node, id, vid.Node)
+	}
+	if m := req.GetVolumeCapability().GetAccessMode().GetMode().String(); multiNode(m) {
+		return nil, invalidf("access mode %s needs a shared pool: volume %s is local to node %s", m, id, vid.Node)
 	}
 	klog.V(2).InfoS("Attached node-local volume (the node records it at stage)", "volumeID", id, "node", node, "readonly", req.GetReadonly())
 	return &csi.ControllerPublishVolumeResponse{PublishContext: map[string]string{

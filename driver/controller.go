@@ -99,6 +99,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if src != nil && src.pool != p {
 		return nil, invalidf("%s %s is in pool %s: a copy is made in the pool of its origin, not in %s", src.kind, src.id, src.pool.Name(), p.Name())
 	}
+	for _, c := range req.GetVolumeCapabilities() {
+		if err := checkModeForPool(p, c); err != nil {
+			return nil, err
+		}
+	}
 	if err := d.checkTopology(p, req.GetAccessibilityRequirements()); err != nil {
 		return nil, err
 	}
@@ -222,12 +227,10 @@ func (d *Driver) checkTopology(p *pool.Pool, r *csi.TopologyRequirement) error {
 			return nil
 		}
 	}
+	if p.Shared() {
+		return status.Errorf(codes.ResourceExhausted, "shared pool %s is mounted on no node the requisite topology allows (topology key %s)", p.Name(), SharedTopologyKey(d.opts.DriverName, p.Name()))
+	}
 	return status.Errorf(codes.ResourceExhausted, "pool %s lives on node %s, which the requisite topology excludes", p.Name(), p.Node())
-}
-
-func (d *Driver) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
-	node, ok := t.GetSegments()[d.topologyKey]
-	return ok && node == p.Node()
 }
 
 func (d *Driver) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
@@ -236,7 +239,7 @@ func (d *Driver) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
 		VolumeId:           v.ID,
 		CapacityBytes:      v.CapacityBytes,
 		VolumeContext:      ctx,
-		AccessibleTopology: []*csi.Topology{{Segments: map[string]string{d.topologyKey: p.Node()}}},
+		AccessibleTopology: []*csi.Topology{{Segments: d.poolSegments(p)}},
 	}
 	if src := v.Source; src != nil {
 		if src.Kind == pool.SourceSnapshot {
@@ -362,8 +365,14 @@ func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerP
 	if err != nil {
 		return nil, err
 	}
-	if node != vid.Node {
+	if !p.Shared() && node != vid.Node {
 		return nil, notFoundf("node %q not found: volume %s lives in a local pool of node %s", node, id, vid.Node)
+	}
+	if p.Shared() && !p.NodeRegistered(node) {
+		return nil, notFoundf("node %q not found in shared pool %s: no spool node plugin with --pool %s=DIR,shared has registered from it (is the share mounted there?)", node, p.Name(), p.Name())
+	}
+	if err := checkModeForPool(p, req.GetVolumeCapability()); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lockVolume(id)
 	if err != nil {
@@ -373,37 +382,42 @@ func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerP
 
 	d.attachMu.Lock()
 	defer d.attachMu.Unlock()
-	v, err := p.Get(vid.Token)
-	if err != nil {
-		return nil, err
+	if max := d.opts.MaxVolumesPerNode; max > 0 {
+		if v, err := p.Get(vid.Token); err != nil {
+			return nil, err
+		} else if _, ok := v.AttachmentFor(node); !ok {
+			if n := d.attachedTo(node); n >= max {
+				return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes attached, its limit", node, n)
+			}
+		}
 	}
 	mode := req.GetVolumeCapability().GetAccessMode().GetMode().String()
-	if a, ok := v.AttachmentFor(node); ok {
-		if a.ReadOnly != req.GetReadonly() || a.AccessMode != mode {
-			return nil, alreadyExistsf("volume %s is already attached to node %s with readonly=%t, mode %s", id, node, a.ReadOnly, a.AccessMode)
-		}
-		return &csi.ControllerPublishVolumeResponse{PublishContext: publishContext(a)}, nil
-	}
-	if len(v.Attachments) > 0 {
-		return nil, preconditionf("volume %s is attached to node %s; a single-node volume cannot be attached to %s too", id, v.Attachments[0].Node, node)
-	}
-	if max := d.opts.MaxVolumesPerNode; max > 0 {
-		if n := d.attachedTo(node); n >= max {
-			return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes attached, its limit", node, n)
-		}
-	}
+	// Readers of a volume many nodes attach never write to it.
+	ro := req.GetReadonly() || mode == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY.String()
+	// Decided on the metadata as Update reads it: in a shared pool, under
+	// the volume's lock file, so that two controllers cannot both attach.
 	var att pool.Attachment
 	_, err = p.Update(vid.Token, func(v *pool.Volume) error {
+		if a, ok := v.AttachmentFor(node); ok {
+			if a.ReadOnly != ro || a.AccessMode != mode {
+				return alreadyExistsf("volume %s is already attached to node %s with readonly=%t, mode %s", id, node, a.ReadOnly, a.AccessMode)
+			}
+			att = a
+			return pool.ErrUnchanged
+		}
+		if err := canJoin(v, node, mode); err != nil {
+			return err
+		}
 		v.Generation++
-		att = pool.Attachment{Node: node, ReadOnly: req.GetReadonly(), AccessMode: mode, Generation: v.Generation}
+		att = pool.Attachment{Node: node, ReadOnly: ro, AccessMode: mode, Generation: v.Generation}
 		v.Attachments = append(v.Attachments, att)
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	klog.V(2).InfoS("Attached volume", "volumeID", id, "node", node, "readonly", att.ReadOnly, "generation", att.Generation)
-	return &csi.ControllerPublishVolumeResponse{PublishContext: publishContext(att)}, nil
+	klog.V(2).InfoS("Attached volume", "volumeID", id, "node", node, "readonly", att.ReadOnly, "mode", mode, "generation", att.Generation)
+	return &csi.ControllerPublishVolumeResponse{PublishContext: sharedPublishContext(p, publishContext(att))}, nil
 }
 
 func publishContext(a pool.Attachment) map[string]string {
@@ -475,12 +489,15 @@ func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.Validate
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, invalidf("volume capabilities are missing")
 	}
-	_, v, err := d.getVolume(id)
+	p, v, err := d.getVolume(id)
 	if err != nil {
 		return nil, err
 	}
 	for _, c := range req.GetVolumeCapabilities() {
 		if err := checkCapability(c); err != nil {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+		}
+		if err := checkModeForPool(p, c); err != nil {
 			return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
 		}
 		if t, fsType := accessTypeOf(c); t != v.AccessType || (fsType != "" && v.FSType != "" && fsType != v.FSType) {
@@ -570,7 +587,7 @@ func (d *Driver) GetCapacity(_ context.Context, req *csi.GetCapacityRequest) (*c
 	}
 	minSize := sizeGranularity
 	for _, c := range req.GetVolumeCapabilities() {
-		if checkCapability(c) != nil {
+		if checkCapability(c) != nil || checkModeForPool(p, c) != nil {
 			return &csi.GetCapacityResponse{}, nil
 		}
 		_, fsType := accessTypeOf(c)

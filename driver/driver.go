@@ -145,6 +145,8 @@ type Driver struct {
 	// attachMu makes the attach-limit check and the attach record one step.
 	// It is held only for a metadata write.
 	attachMu sync.Mutex
+	// fences are the attachments of staged volumes of shared pools.
+	fences fences
 
 	server     *grpc.Server
 	metrics    *metrics.Metrics
@@ -178,6 +180,8 @@ func NewOffline(opts Options, kernel Kernel) (*Driver, error) {
 func build(opts Options, kernel Kernel) (*Driver, error) {
 	d := &Driver{opts: opts, kernel: kernel, pools: map[string]*pool.Pool{}, topologyKey: TopologyKey(opts.DriverName)}
 	for _, spec := range opts.Pools {
+		// A node plugin of a shared pool leaves cleanup to the controllers.
+		spec.NodeOnly = spec.Shared && opts.Mode == ModeNode
 		p, err := pool.Open(spec, opts.NodeID)
 		if err != nil {
 			d.Close()
@@ -199,6 +203,14 @@ func build(opts Options, kernel Kernel) (*Driver, error) {
 			return nil, err
 		}
 		d.deleteOrphanEphemerals()
+		if err := d.adoptSharedStagings(); err != nil {
+			d.Close()
+			return nil, err
+		}
+		if err := d.registerSharedPools(); err != nil {
+			d.Close()
+			return nil, err
+		}
 	}
 	return d, nil
 }
@@ -264,6 +276,9 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 	if d.metricsLis != nil {
 		metricsDone = make(chan error, 1)
 		go func() { metricsDone <- d.metrics.Serve(ctx, d.metricsLis) }()
+	}
+	if d.opts.serves(ModeNode) && d.servesShared() {
+		go d.watchFences(ctx, fenceCheckInterval)
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- d.server.Serve(lis) }()

@@ -100,6 +100,9 @@ func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolum
 	if !ok {
 		return nil, invalidf("pool %q is not served here (pools: %v)", attrs.pool, d.poolOrder)
 	}
+	if p.Shared() {
+		return nil, invalidf("pool %s is shared: inline ephemeral volumes live and die with a pod on one node, so they need a local pool", p.Name())
+	}
 	fsType := fsTypeOrDefault(attrs.fsType)
 	n, err := volumeSize(&csi.CapacityRange{RequiredBytes: attrs.size}, fsType)
 	if err != nil {
@@ -210,6 +213,9 @@ func (d *Driver) removeUnmountedTarget(target string) error {
 func (d *Driver) deleteOrphanEphemerals() {
 	for _, name := range d.poolOrder {
 		p := d.pools[name]
+		if p.Shared() {
+			continue // no ephemeral volumes; and other nodes' loops are not visible here
+		}
 		for _, v := range p.List() {
 			if !v.Ephemeral {
 				continue

@@ -22,6 +22,7 @@ const (
 	reasonPoolNearlyFull     = "PoolNearlyFull"
 	reasonImageTruncated     = "ImageTruncated"
 	reasonPoolOvercommitted  = "PoolOvercommitted"
+	reasonAttachmentLost     = "AttachmentLost"
 )
 
 // poolNearlyFull is the share of a pool's capacity that, once provisioned,
@@ -61,6 +62,9 @@ func (d *Driver) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHe
 	}
 	if _, err := os.Stat(nv.image); err != nil {
 		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonImageMissing, fmt.Sprintf("image file is not reachable: %v", err))
+	}
+	if why := d.fenceLost(nv.pool, nv.vol, nv.dev != nil); why != "" {
+		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonAttachmentLost, why)
 	}
 	for _, p := range paths {
 		for _, target := range []string{p, p + "/" + blockMarker} {

@@ -48,7 +48,7 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 	return &csi.NodeGetInfoResponse{
 		NodeId:             d.opts.NodeID,
 		MaxVolumesPerNode:  d.opts.MaxVolumesPerNode,
-		AccessibleTopology: &csi.Topology{Segments: map[string]string{d.topologyKey: d.opts.NodeID}},
+		AccessibleTopology: &csi.Topology{Segments: d.nodeSegments()},
 	}, nil
 }
 
@@ -167,14 +167,31 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		return nil, err
 	}
 	defer unlock()
+	if err := checkModeForPool(nv.pool, c); err != nil {
+		return nil, err
+	}
 	var attachedRO bool
-	if pc := req.GetPublishContext(); pc[ctxAttachedBy] == "node" && pc[ctxNode] == d.opts.NodeID {
+	pc := req.GetPublishContext()
+	if pc[ctxAttachedBy] == "node" && pc[ctxNode] == d.opts.NodeID {
 		attachedRO, err = d.recordNodeAttachment(nv, pc)
 	} else {
 		attachedRO, err = d.checkPublishContext(nv.vol, pc)
 	}
+	if err == nil && nv.pool.Shared() {
+		err = checkSharedStage(nv.pool, nv.vol, pc)
+		if err == nil {
+			gen, _ := generationOf(pc) // checkPublishContext parsed it
+			err = d.markStaged(nv.pool, nv.vol, gen)
+		}
+	}
 	if err != nil {
 		return nil, err
+	}
+	// The attachment this staging holds: the node watches that it keeps it.
+	fence := func() {
+		if g, ok := generationOf(pc); ok && nv.pool.Shared() {
+			d.fences.set(id, g)
+		}
 	}
 	ro := attachedRO || readOnlyMode(c)
 	mounts, err := d.kernel.Mounter.Mounts()
@@ -187,7 +204,11 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		fsType = nv.vol.FSType
 	}
 	if done, err := d.alreadyStaged(nv, mounts, staging, block, fsType); done || err != nil {
-		return &csi.NodeStageVolumeResponse{}, err
+		if err != nil {
+			return nil, err
+		}
+		fence()
+		return &csi.NodeStageVolumeResponse{}, nil
 	}
 
 	if err := fs.MakeDir(staging); err != nil {
@@ -227,6 +248,7 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		return nil, err
 	}
 	faults.Point("stage-mounted")
+	fence()
 	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging, "block", block)
 	return &csi.NodeStageVolumeResponse{}, nil
 }
@@ -288,7 +310,11 @@ func (d *Driver) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fs
 	}
 	opts := slices.Clone(c.GetMount().GetMountFlags())
 	if ro {
+		// The loop device is read-only too: a journal left dirty by the
+		// last writer (a node that died) is not replayed, or the mount
+		// would fail trying to write.
 		opts = append(opts, "ro")
+		opts = append(opts, fs.NoReplayOptions(found)...)
 	}
 	if found != "" && nv.vol.Source != nil {
 		opts = append(opts, d.copyIdentity(nv, found, ro)...)
@@ -417,6 +443,7 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 	if err := d.releaseNodeAttachment(nv); err != nil {
 		return nil, err
 	}
+	d.fences.drop(id)
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }
 
@@ -447,6 +474,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, err
 	}
 	defer unlock()
+	if err := checkModeForPool(nv.pool, c); err != nil {
+		return nil, err
+	}
 	attachedRO, err := d.checkPublishContext(nv.vol, req.GetPublishContext())
 	if err != nil {
 		return nil, err
@@ -579,6 +609,7 @@ func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeSta
 	if err != nil {
 		return nil, err
 	}
+	d.checkFence(nv)
 	mounts, err := d.kernel.Mounter.Mounts()
 	if err != nil {
 		return nil, err

@@ -94,6 +94,9 @@ var supportedModes = map[csi.VolumeCapability_AccessMode_Mode]bool{
 	csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY:   true,
 	csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER: true,
 	csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:  true,
+	// Shared pools only (checkModeForPool).
+	csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY:  true,
+	csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER: true,
 }
 
 // checkCapability validates one capability.
@@ -103,7 +106,7 @@ func checkCapability(c *csi.VolumeCapability) error {
 	}
 	mode := c.GetAccessMode().GetMode()
 	if !supportedModes[mode] {
-		return invalidf("access mode %s is not supported: volumes in local pools are used by one node at a time", mode)
+		return invalidf("access mode %s is not supported: a volume has one writer node, or (in shared pools) many readers, or many writers of a raw block device", mode)
 	}
 	switch t := c.GetAccessType().(type) {
 	case *csi.VolumeCapability_Block:

@@ -3,6 +3,9 @@
 package sanity
 
 import (
+	"bytes"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -18,12 +21,45 @@ func TestSanity(t *testing.T) {
 	leakcheck.RequireRoot(t)
 	dir := t.TempDir()
 	leakcheck.Check(t, dir)
+	runSanity(t, dir, pool.Spec{Name: "default", Dir: filepath.Join(dir, "pool")})
+}
 
+// TestSanitySharedPool runs the same specs against a shared pool: volumes
+// that belong to no node, attachments checked under the pool's locks.
+func TestSanitySharedPool(t *testing.T) {
+	leakcheck.RequireRoot(t)
+	if os.Getenv(sharedChild) == "" {
+		// ginkgo runs one suite per process: run this one in a child.
+		cmd := exec.Command(os.Args[0], "-test.run=^TestSanitySharedPool$", "-test.count=1")
+		cmd.Env = append(os.Environ(), sharedChild+"=1")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("csi-sanity against a shared pool: %v\n%s", err, out)
+		}
+		if !bytes.Contains(out, []byte("SUCCESS!")) {
+			t.Fatalf("csi-sanity against a shared pool ran no specs:\n%s", out)
+		}
+		return
+	}
+	dir := t.TempDir()
+	leakcheck.Check(t, dir)
+	share := filepath.Join(dir, "share")
+	id, err := pool.Init("shared", share)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runSanity(t, dir, pool.Spec{Name: "shared", Dir: share, Shared: true, ID: id})
+}
+
+// sharedChild marks the child process that runs the shared pool's specs.
+const sharedChild = "SPOOL_SANITY_SHARED_CHILD"
+
+func runSanity(t *testing.T, dir string, spec pool.Spec) {
 	sock := filepath.Join(dir, "csi.sock")
 	_, stop, err := csiclient.Start(driver.Options{
 		Endpoint:          "unix://" + sock,
 		NodeID:            "sanity-node",
-		Pools:             []pool.Spec{{Name: "default", Dir: filepath.Join(dir, "pool")}},
+		Pools:             []pool.Spec{spec},
 		MaxVolumesPerNode: 16,
 		Version:           "test",
 	})

@@ -23,6 +23,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "volume" {
 		os.Exit(cli.Volume(os.Args[2:], os.Stdout, os.Stderr))
 	}
+	if len(os.Args) > 1 && os.Args[1] == "pool" {
+		os.Exit(cli.Pool(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	klog.InitFlags(nil)
 	var (
 		opts        driver.Options
@@ -32,7 +35,7 @@ func main() {
 	)
 	flag.StringVar(&opts.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint, unix:///path/to/csi.sock")
 	flag.StringVar(&opts.NodeID, "node-id", "", "ID of this node (the Kubernetes node name)")
-	flag.Var(&pools, "pool", "pool NAME=DIR[,capacity=SIZE]; repeat for more pools; the first is the default")
+	flag.Var(&pools, "pool", "pool NAME=DIR[,capacity=SIZE][,shared[,id=POOLID]]; repeat for more pools; the first is the default")
 	flag.StringVar(&mode, "mode", string(driver.ModeAll), "services to serve: all, controller or node")
 	flag.StringVar(&opts.DriverName, "driver-name", driver.DefaultDriverName, "CSI driver name")
 	flag.Int64Var(&opts.MaxVolumesPerNode, "max-volumes-per-node", 0, "volumes that may be attached to one node (0: no limit)")
@@ -40,7 +43,8 @@ func main() {
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Usage = func() {
 		fmt.Fprint(flag.CommandLine.Output(), "Usage: spool [flags]                      serve the CSI services\n"+
-			"       spool volume create|list|delete   work on pools no driver serves (spool volume -h)\n\nFlags:\n")
+			"       spool volume create|list|delete   work on pools no driver serves (spool volume -h)\n"+
+			"       spool pool init NAME=DIR          initialise a shared pool (spool pool -h)\n\nFlags:\n")
 		flag.PrintDefaults()
 	}
 	flag.Parse()

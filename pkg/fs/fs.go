@@ -47,6 +47,23 @@ func SupportedTypes() []string {
 	return out
 }
 
+// NoReplayOptions are the mount options that keep a read-only mount of
+// fsType from replaying its journal or log: the device under it is
+// read-only too, and a log left dirty by a writer that died cannot be
+// replayed without writing. The last writer's unreplayed changes are not
+// visible through such a mount.
+func NoReplayOptions(fsType string) []string {
+	switch fsType {
+	case "ext4":
+		return []string{"noload"}
+	case "xfs":
+		return []string{"norecovery"}
+	case "btrfs":
+		return []string{"rescue=nologreplay"} // Linux 5.9+; plain nologreplay is gone
+	}
+	return nil
+}
+
 // MinSize is the smallest volume mkfs accepts for fsType (0 if unknown).
 func MinSize(fsType string) int64 { return minSize[fsType] }
 

@@ -40,6 +40,7 @@ type Capacity struct {
 
 // Capacity computes the pool's capacity now.
 func (p *Pool) Capacity() (Capacity, error) {
+	p.refreshShared()
 	var st unix.Statfs_t
 	if err := unix.Statfs(p.root, &st); err != nil {
 		return Capacity{}, fmt.Errorf("statfs %s: %w", p.root, err)
@@ -96,6 +97,7 @@ func (p *Pool) AllocatedBytes(token string) int64 { return p.allocated(token) }
 // looking at the images (what they occupy only ever raises the limit);
 // only a pool near its limit sums what its images occupy.
 func (p *Pool) reserve(n int64) (release func(), err error) {
+	p.refreshShared() // count what other controllers provisioned
 	var st unix.Statfs_t
 	if err := unix.Statfs(p.root, &st); err != nil {
 		return nil, fmt.Errorf("statfs %s: %w", p.root, err)

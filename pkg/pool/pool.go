@@ -3,6 +3,10 @@
 //
 //	<root>/spool-pool.json          pool identity (name, id), written once
 //	<root>/.lock                    flock held by the spool process serving the pool
+//	                                (shared pools: held shared by every controller)
+//	<root>/.create.lock             shared pools: flock around committing a new name
+//	<root>/volumes/<token>/.lock    shared pools: flock around every metadata update
+//	<root>/nodes/<node>.json        shared pools: a node plugin that has the pool mounted
 //	<root>/volumes/<token>/disk.img the volume image (sparse, or preallocated)
 //	<root>/volumes/<token>/volume.json  the volume's metadata, replaced atomically
 //	<root>/snapshots/<token>/disk.img  a snapshot's read-only image
@@ -47,7 +51,8 @@ const (
 	groupMeta    = "group.json"
 )
 
-// Spec is a pool as configured on the command line: NAME=DIR[,capacity=SIZE].
+// Spec is a pool as configured on the command line:
+// NAME=DIR[,capacity=SIZE][,shared[,id=POOLID]].
 type Spec struct {
 	Name string
 	Dir  string
@@ -58,13 +63,27 @@ type Spec struct {
 	// creating nothing, instead of initialising a new pool there: an
 	// operator's mistyped directory must not become an empty pool.
 	Existing bool
+	// Shared marks a pool on storage every node mounts at the same path
+	// (NFS, CephFS, a cluster filesystem): its volumes belong to no node,
+	// controllers and node plugins on many machines open it at once, and
+	// attachments are the fence between nodes. A shared pool is never
+	// initialised by Open (see Init): an unmounted share must not become an
+	// empty pool on the local disk.
+	Shared bool
+	// ID, when set, is the pool ID (from Init) the directory must hold: the
+	// check that the right share is mounted.
+	ID string
+	// NodeOnly marks a process that only stages volumes of a shared pool
+	// (spool --mode=node): it leaves cleanup to the controllers and does not
+	// take their lock.
+	NodeOnly bool
 }
 
-// ParseSpec parses NAME=DIR[,capacity=SIZE].
+// ParseSpec parses NAME=DIR[,capacity=SIZE][,shared[,id=POOLID]].
 func ParseSpec(s string) (Spec, error) {
 	name, rest, ok := strings.Cut(s, "=")
 	if !ok {
-		return Spec{}, fmt.Errorf("pool %q: want NAME=DIR[,capacity=SIZE]", s)
+		return Spec{}, fmt.Errorf("pool %q: want NAME=DIR[,capacity=SIZE][,shared[,id=POOLID]]", s)
 	}
 	if err := volid.ValidatePoolName(name); err != nil {
 		return Spec{}, fmt.Errorf("pool %q: %w", s, err)
@@ -84,9 +103,22 @@ func ParseSpec(s string) (Spec, error) {
 				return Spec{}, fmt.Errorf("pool %q: invalid capacity %q", s, v)
 			}
 			spec.Capacity = c
+		case "shared":
+			if v != "" || strings.Contains(f, "=") {
+				return Spec{}, fmt.Errorf("pool %q: option shared takes no value", s)
+			}
+			spec.Shared = true
+		case "id":
+			if !volid.IsToken(v) {
+				return Spec{}, fmt.Errorf("pool %q: invalid pool ID %q: want the %d hex digits spool pool init printed", s, v, volid.TokenLen)
+			}
+			spec.ID = v
 		default:
-			return Spec{}, fmt.Errorf("pool %q: unknown option %q (known: capacity)", s, k)
+			return Spec{}, fmt.Errorf("pool %q: unknown option %q (known: capacity, shared, id)", s, k)
 		}
+	}
+	if spec.ID != "" && !spec.Shared {
+		return Spec{}, fmt.Errorf("pool %q: id= is for shared pools", s)
 	}
 	return spec, nil
 }
@@ -125,9 +157,11 @@ type identity struct {
 type Pool struct {
 	name     string
 	root     string
-	node     string
+	node     string // owner of a local pool; empty for a shared pool
 	capLimit int64
 	lock     *os.File
+	shared   bool
+	id       string // the pool ID in the identity file
 
 	mu          sync.Mutex
 	vols        map[string]*Volume   // token -> volume
@@ -159,6 +193,14 @@ func Open(spec Spec, node string) (*Pool, error) {
 		vols: map[string]*Volume{}, names: map[string]string{}, pending: map[string]bool{}, busy: map[string]bool{},
 		snaps: map[string]*Snapshot{}, snapNames: map[string]string{}, groups: map[string]*Group{}, groupNames: map[string]string{},
 	}
+	if spec.Shared {
+		p.node, p.shared = "", true
+		if err := p.openShared(spec); err != nil {
+			p.Close()
+			return nil, err
+		}
+		return p, nil
+	}
 	if spec.Existing {
 		if err := p.checkExists(); err != nil {
 			return nil, err
@@ -187,20 +229,28 @@ func (p *Pool) open() error {
 	if err := p.checkIdentity(); err != nil {
 		return err
 	}
+	return p.load(true)
+}
+
+// load makes the pool's directories, empties its scratch directories when
+// clean is set, and loads the index.
+func (p *Pool) load(clean bool) error {
 	for _, d := range []string{volumesDir, snapshotsDir, groupsDir, tmpDir, trashDir} {
 		if err := os.MkdirAll(filepath.Join(p.root, d), 0o750); err != nil {
 			return fmt.Errorf("pool %s: creating %s: %w", p.name, d, err)
 		}
 	}
-	for _, d := range []string{tmpDir, trashDir} {
-		if err := p.emptyDir(d); err != nil {
-			return err
+	if clean {
+		for _, d := range []string{tmpDir, trashDir} {
+			if err := p.emptyDir(d); err != nil {
+				return err
+			}
 		}
 	}
 	if err := p.loadIndex(); err != nil {
 		return err
 	}
-	return p.loadSnapshots()
+	return p.loadSnapshots(clean)
 }
 
 // checkIdentity writes the identity file of a new pool, or checks that an
@@ -217,19 +267,30 @@ func (p *Pool) checkIdentity() error {
 		id := identity{Name: p.name, ID: tok, CreatedAt: time.Now().UTC(), Format: 1}
 		data, _ := json.MarshalIndent(id, "", "  ")
 		klog.InfoS("Initialising new pool", "pool", p.name, "dir", p.root, "poolID", tok)
+		p.id = tok
 		return writeFileAtomic(path, data)
 	}
 	if err != nil {
 		return fmt.Errorf("pool %s: reading identity: %w", p.name, err)
 	}
+	id, err := p.parseIdentity(data)
+	if err != nil {
+		return err
+	}
+	p.id = id.ID
+	return nil
+}
+
+// parseIdentity decodes the identity file and checks that it names this pool.
+func (p *Pool) parseIdentity(data []byte) (identity, error) {
 	var id identity
 	if err := json.Unmarshal(data, &id); err != nil {
-		return fmt.Errorf("pool %s: %s is corrupt: %w", p.name, path, err)
+		return id, fmt.Errorf("pool %s: %s is corrupt: %w", p.name, filepath.Join(p.root, identityFile), err)
 	}
 	if id.Name != p.name {
-		return fmt.Errorf("pool %s: directory %s belongs to pool %q; volume IDs name their pool, so a pool cannot be renamed", p.name, p.root, id.Name)
+		return id, fmt.Errorf("pool %s: directory %s belongs to pool %q; volume IDs name their pool, so a pool cannot be renamed", p.name, p.root, id.Name)
 	}
-	return nil
+	return id, nil
 }
 
 // checkExists refuses a directory that holds no pool identity file.
@@ -317,8 +378,14 @@ func (p *Pool) Name() string { return p.name }
 // Root is the pool directory.
 func (p *Pool) Root() string { return p.root }
 
-// Node is the node that owns the pool.
+// Node is the node that owns a local pool; it is empty for a shared pool.
 func (p *Pool) Node() string { return p.node }
+
+// Shared reports whether the pool is shared between nodes.
+func (p *Pool) Shared() bool { return p.shared }
+
+// ID is the pool ID written in its identity file when it was created.
+func (p *Pool) ID() string { return p.id }
 
 // volumeDir is the directory of a volume; token must already be validated.
 func (p *Pool) volumeDir(token string) string {
@@ -335,6 +402,7 @@ func (p *Pool) ImagePath(token string) (string, error) {
 
 // List returns copies of all volumes, sorted by ID.
 func (p *Pool) List() []Volume {
+	p.refreshShared()
 	p.mu.Lock()
 	out := make([]Volume, 0, len(p.vols))
 	for _, v := range p.vols {

@@ -278,9 +278,10 @@ func (p *Pool) DeleteGroup(token string) error {
 	return nil
 }
 
-// loadSnapshots reads snapshots and groups at Open, and removes member
-// snapshots of groups whose record was never written or was deleted.
-func (p *Pool) loadSnapshots() error {
+// loadSnapshots reads snapshots and groups at Open. Member snapshots of
+// groups whose record was never written or was deleted are removed when
+// clean is set (no other process uses the pool), else left out of the index.
+func (p *Pool) loadSnapshots(clean bool) error {
 	if err := p.loadDir(groupsDir, groupMeta, func(tok string, data []byte) error {
 		g := &Group{}
 		if err := json.Unmarshal(data, g); err != nil {
@@ -309,6 +310,9 @@ func (p *Pool) loadSnapshots() error {
 		}
 		s.token = tok
 		if s.GroupID != "" && !groupIDs[s.GroupID] {
+			if !clean {
+				return nil
+			}
 			klog.InfoS("Removing member of an unfinished or deleted group snapshot", "pool", p.name, "snapshotID", s.ID, "groupSnapshotID", s.GroupID)
 			return p.trash(p.snapshotDir(tok), "snap-"+tok)
 		}

@@ -53,6 +53,11 @@ type Attachment struct {
 	// a central attach controller without access to this node-local pool
 	// (the local flavour) attached it, and NodeUnstage releases it.
 	ByNode bool `json:"byNode,omitempty"`
+	// Staged marks, in a shared pool, an attachment its node has staged:
+	// a node plugin that restarts and finds a loop device of the volume
+	// while its attachment is not marked knows that the device belongs to
+	// an older attachment it lost.
+	Staged bool `json:"staged,omitempty"`
 }
 
 // Volume is a volume's metadata, as stored in volume.json.
@@ -164,7 +169,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 	defer func() {
 		p.mu.Lock()
 		delete(p.pending, req.Name)
-		if err == nil {
+		if err == nil && created {
 			vv := v
 			p.vols[v.token] = &vv
 			p.names[v.Name] = v.token
@@ -201,6 +206,15 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 		return Volume{}, false, status.Errorf(codes.Internal, "unknown source kind %q", req.SourceKind)
 	}
 	if err := p.build(ctx, &v, srcImage); err != nil {
+		var taken errNameTaken
+		if errors.As(err, &taken) {
+			klog.InfoS("Another controller created the volume first; returning it", "pool", p.name, "name", req.Name)
+			other, gerr := p.Get(taken.token)
+			if gerr != nil {
+				return Volume{}, false, gerr
+			}
+			return other, false, nil
+		}
 		return Volume{}, false, err
 	}
 	faults.Point("create-renamed")
@@ -230,7 +244,11 @@ func (p *Pool) build(ctx context.Context, v *Volume, srcImage string) (err error
 		return err
 	}
 	faults.Point("create-image-written")
-	return commitDir(tmp, p.volumeDir(v.token), metaFile, v)
+	commit := func() error { return commitDir(tmp, p.volumeDir(v.token), metaFile, v) }
+	if p.shared {
+		return p.commitShared(v.Name, v.token, commit)
+	}
+	return commit()
 }
 
 // copyImage copies srcImage to path and grows the copy to the volume's size.
@@ -303,6 +321,12 @@ func makeImage(path string, bytes int64, prov Provisioning) error {
 
 // Get returns the volume with this token, or a NotFound status.
 func (p *Pool) Get(token string) (Volume, error) {
+	if p.shared {
+		if !volid.IsToken(token) {
+			return Volume{}, status.Errorf(codes.NotFound, "volume token %q is malformed", token)
+		}
+		return p.reload(token)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	v, ok := p.vols[token]
@@ -315,22 +339,53 @@ func (p *Pool) Get(token string) (Volume, error) {
 // GetByName returns the volume with this name, if any.
 func (p *Pool) GetByName(name string) (Volume, bool) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	tok, ok := p.names[name]
+	p.mu.Unlock()
+	if !ok && p.shared {
+		p.refreshShared()
+		p.mu.Lock()
+		tok, ok = p.names[name]
+		p.mu.Unlock()
+	}
 	if !ok {
 		return Volume{}, false
 	}
+	if p.shared {
+		v, err := p.reload(tok)
+		return v, err == nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	return p.vols[tok].clone(), true
 }
 
+// ErrUnchanged, returned by an Update function, leaves the metadata as it
+// is: Update then returns the volume and no error.
+var ErrUnchanged = errors.New("metadata unchanged")
+
 // Update applies fn to a copy of the volume's metadata and stores the result
-// atomically. The caller serialises updates of one volume.
+// atomically. The caller serialises updates of one volume within this
+// process; in a shared pool, Update also holds the volume's lock file and
+// applies fn to the metadata as it is on disk, so that updates from other
+// processes are never lost or overtaken.
 func (p *Pool) Update(token string, fn func(v *Volume) error) (Volume, error) {
+	if p.shared {
+		if !volid.IsToken(token) {
+			return Volume{}, status.Errorf(codes.NotFound, "volume token %q is malformed", token)
+		}
+		unlock, err := p.lockVolume(token)
+		if err != nil {
+			return Volume{}, err
+		}
+		defer unlock()
+	}
 	v, err := p.Get(token)
 	if err != nil {
 		return Volume{}, err
 	}
-	if err := fn(&v); err != nil {
+	if err := fn(&v); errors.Is(err, ErrUnchanged) {
+		return v, nil
+	} else if err != nil {
 		return Volume{}, err
 	}
 	data, err := json.MarshalIndent(&v, "", "  ")
@@ -370,6 +425,24 @@ func (p *Pool) DeleteVolume(token string) error {
 		delete(p.busy, token)
 		p.mu.Unlock()
 	}()
+	if p.shared {
+		// Another controller may have attached it since the caller looked.
+		unlock, err := p.lockVolume(token)
+		if status.Code(err) == codes.NotFound {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		cur, err := p.readMeta(token)
+		if err != nil {
+			return fmt.Errorf("pool %s: reading volume %s: %w", p.name, token, err)
+		}
+		if len(cur.Attachments) > 0 {
+			return status.Errorf(codes.FailedPrecondition, "volume %s is attached to node %s: ControllerUnpublishVolume it first", cur.ID, cur.Attachments[0].Node)
+		}
+	}
 
 	// Rename first: from here on a crash leaves only trash that Open removes.
 	trash := filepath.Join(p.root, trashDir, token)

@@ -7,9 +7,11 @@
 //	<pool>:<node>:<token>        volume,   e.g. fast:worker-1:5f2c9a0b7e1d3c4a6b8e0f12
 //	<pool>:<node>:snap-<token>   snapshot
 //	<pool>:<node>:group-<token>  group snapshot
+//	<pool>::<token>              volume of a shared pool, e.g. nfs::5f2c9a0b7e1d3c4a6b8e0f12
 //
-// pool is the pool name, node the node that owns a local pool, token a
-// random 96-bit hex string that names the object's directory in the pool.
+// pool is the pool name, node the node that owns a local pool (empty for a
+// shared pool, which every node that mounts it can use), token a random
+// 96-bit hex string that names the object's directory in the pool.
 // IDs come from outside (the CO, an operator): Parse checks every field
 // against a strict pattern before anything builds a path from it, and only
 // the token is ever used as a path element.
@@ -71,12 +73,13 @@ func (id ID) String() string {
 	return id.Pool + sep + id.Node + sep + tok
 }
 
-// New returns an ID of the given kind with a fresh random token.
+// New returns an ID of the given kind with a fresh random token; node is
+// empty for an object of a shared pool.
 func New(kind Kind, pool, node string) (ID, error) {
 	if err := ValidatePoolName(pool); err != nil {
 		return ID{}, err
 	}
-	if err := ValidateNodeID(node); err != nil {
+	if err := validateOwner(node); err != nil {
 		return ID{}, err
 	}
 	tok, err := NewToken()
@@ -114,7 +117,7 @@ func Parse(s string) (ID, error) {
 	if !poolRE.MatchString(id.Pool) {
 		return ID{}, fmt.Errorf("%w: bad pool name in %q", ErrMalformed, s)
 	}
-	if !nodeRE.MatchString(id.Node) || strings.Contains(id.Node, "..") {
+	if validateOwner(id.Node) != nil {
 		return ID{}, fmt.Errorf("%w: bad node in %q", ErrMalformed, s)
 	}
 	if !IsToken(id.Token) {
@@ -149,6 +152,18 @@ func ValidatePoolName(name string) error {
 		return fmt.Errorf("invalid pool name %q: want 1-%d lowercase letters, digits or '-', starting and ending with a letter or digit", name, MaxPoolNameLen)
 	}
 	return nil
+}
+
+// Shared reports whether the ID names an object of a shared pool.
+func (id ID) Shared() bool { return id.Node == "" }
+
+// validateOwner checks the node field of an ID: a node ID, or empty for a
+// shared pool.
+func validateOwner(node string) error {
+	if node == "" {
+		return nil
+	}
+	return ValidateNodeID(node)
 }
 
 // ValidateNodeID checks a node ID (letters, digits, '.', '_', '-', at most 63 bytes).

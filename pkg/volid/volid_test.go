@@ -49,6 +49,26 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
+func TestSharedPoolIDs(t *testing.T) {
+	for _, k := range []Kind{KindVolume, KindSnapshot, KindGroup} {
+		id, err := New(k, "nfs", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !id.Shared() || !strings.HasPrefix(id.String(), "nfs::") {
+			t.Fatalf("shared %s ID %q", k, id)
+		}
+		got, err := ParseKind(id.String(), k)
+		if err != nil || got != id || !got.Shared() {
+			t.Fatalf("ParseKind(%q) = %+v, %v", id, got, err)
+		}
+	}
+	local, _ := New(KindVolume, "nfs", "n1")
+	if local.Shared() {
+		t.Fatalf("%q reported shared", local)
+	}
+}
+
 func TestLongestIDFitsCSILimit(t *testing.T) {
 	id := ID{Pool: strings.Repeat("p", MaxPoolNameLen), Node: strings.Repeat("n", MaxNodeIDLen), Kind: KindGroup, Token: strings.Repeat("a", TokenLen)}
 	if len(id.String()) > 128 {
@@ -65,7 +85,7 @@ func TestParseRejects(t *testing.T) {
 		"", "fake-vol-id", "a:b", "a:b:c:d",
 		"../x:node:" + tok, "pool:node:../" + tok[3:], "pool:node:" + strings.ToUpper(tok),
 		"Pool:node:" + tok, "pool:-node:" + tok, "pool:no..de:" + tok, "pool:no/de:" + tok,
-		"pool:node:" + tok + "\x00", "pool:node:" + tok + "0", "pool::" + tok,
+		"pool:node:" + tok + "\x00", "pool:node:" + tok + "0", "pool:::" + tok, ":" + tok,
 		"pool:node:%2e%2e%2f" + tok[9:], "/abs:node:" + tok, "pool:node:snap-", "pool:node:snap-snap-" + tok,
 		"pool:node:other-" + tok, "pool:node:group-../" + tok[3:],
 		strings.Repeat("a", 40) + ":node:" + tok, "pool:" + strings.Repeat("n", 64) + ":" + tok,
