@@ -1,9 +1,9 @@
 // Package cli implements the operator subcommands of the spool binary:
 // `spool volume create|list|delete` and `spool pool init`. The volume
-// commands work directly on pool directories,
-// while no driver serves them, through the driver's own controller handlers
-// (driver.NewOffline): a volume made here is made exactly as CreateVolume
-// makes one, and the driver serves it like any other once it starts.
+// commands work directly on pool directories while no driver serves them,
+// through the driver's own controller handlers (driver.NewOffline): a volume
+// made here is made exactly as CreateVolume makes one, and the driver serves
+// it like any other once it starts.
 package cli
 
 import (

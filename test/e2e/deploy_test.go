@@ -48,7 +48,7 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 	if _, err := c.Kubectl(ctx, "create", "namespace", systemNS); err != nil {
 		return stopSnap, err
 	}
-	for _, d := range []string{"single-node", "local"} {
+	for _, d := range []string{"single-node", "local", "shared"} {
 		if _, err := c.Kubectl(ctx, "apply", "--dry-run=server", "-k", filepath.Join(root, "deploy", d)); err != nil {
 			return stopSnap, fmt.Errorf("server-side dry run of deploy/%s: %w", d, err)
 		}
