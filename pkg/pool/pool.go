@@ -400,9 +400,22 @@ func (p *Pool) ImagePath(token string) (string, error) {
 	return filepath.Join(p.volumeDir(token), imageFile), nil
 }
 
-// List returns copies of all volumes, sorted by ID.
+// List returns copies of all volumes, sorted by ID. In a shared pool every
+// volume is read from disk: the attachments other processes changed are
+// what csi-attacher compares its VolumeAttachments with.
 func (p *Pool) List() []Volume {
-	p.refreshShared()
+	if p.shared {
+		p.refreshShared()
+		p.mu.Lock()
+		tokens := make([]string, 0, len(p.vols))
+		for tok := range p.vols {
+			tokens = append(tokens, tok)
+		}
+		p.mu.Unlock()
+		for _, tok := range tokens {
+			_, _ = p.reload(tok) // a volume deleted meanwhile drops out
+		}
+	}
 	p.mu.Lock()
 	out := make([]Volume, 0, len(p.vols))
 	for _, v := range p.vols {

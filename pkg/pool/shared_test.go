@@ -157,6 +157,9 @@ func TestSharedPoolSeesOtherControllers(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	if l := b.List(); len(l) != 1 || len(l[0].Attachments) != 1 {
+		t.Fatalf("List on the other controller after an attach: %+v", l)
+	}
 	if got, err := b.Get(v.Token()); err != nil || len(got.Attachments) != 1 {
 		t.Fatalf("Get on the other controller after an attach: %+v %v", got, err)
 	}

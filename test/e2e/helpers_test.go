@@ -247,19 +247,29 @@ func imagePath(t *testing.T, handle string) string {
 	return filepath.Join(env.poolDir, "volumes", parts[2], "disk.img")
 }
 
-// poolVolumes lists the volume and snapshot directories in the pool.
+// poolVolumes lists the volume and snapshot directories in the pools.
 func poolVolumes() ([]string, error) {
 	var all []string
-	for _, d := range []string{"volumes", "snapshots"} {
-		entries, err := os.ReadDir(filepath.Join(env.poolDir, d))
-		if err != nil && !os.IsNotExist(err) {
-			return nil, err
-		}
-		for _, e := range entries {
-			all = append(all, d+"/"+e.Name())
+	for _, pool := range pools() {
+		for _, d := range []string{"volumes", "snapshots"} {
+			entries, err := os.ReadDir(filepath.Join(pool, d))
+			if err != nil && !os.IsNotExist(err) {
+				return nil, err
+			}
+			for _, e := range entries {
+				all = append(all, filepath.Join(pool, d, e.Name()))
+			}
 		}
 	}
 	return all, nil
+}
+
+// pools are the pool directories of this run.
+func pools() []string {
+	if env.sharedDir == "" {
+		return []string{env.poolDir}
+	}
+	return []string{env.poolDir, env.sharedDir}
 }
 
 // loopsOf lists loop devices backed by files under dir.
@@ -295,7 +305,12 @@ func nothingLeft(ctx context.Context) error {
 	if len(vols) > 0 {
 		return fmt.Errorf("pool still holds %v", vols)
 	}
-	return nodeHolds(env.poolDir)
+	for _, pool := range pools() {
+		if err := nodeHolds(pool); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // nodeHolds fails when a loop device backed by the pool, a CSI mount or a

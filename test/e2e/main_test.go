@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"syscall"
@@ -32,14 +33,17 @@ var (
 
 // env is the cluster and driver every scenario uses.
 var env struct {
-	c        *cluster.Cluster
-	spool    *cluster.Spool
-	poolDir  string
-	spoolBin string
-	socket   string // the driver's socket on the host
-	workDir  string
-	started  time.Time
-	startDur time.Duration
+	c       *cluster.Cluster
+	spool   *cluster.Spool
+	poolDir string
+	// sharedDir is the shared pool "shared" the host-process driver also
+	// serves (scenario 11).
+	sharedDir string
+	spoolBin  string
+	socket    string // the driver's socket on the host
+	workDir   string
+	started   time.Time
+	startDur  time.Duration
 }
 
 func TestMain(m *testing.M) {
@@ -116,12 +120,19 @@ func run(m *testing.M) (code int) {
 		logf("%v", err)
 		return 1
 	}
+	// A shared pool too (scenario 11), made as an operator would.
+	env.sharedDir = filepath.Join(work, "shared")
+	if out, err := exec.CommandContext(ctx, env.spoolBin, "pool", "init", "shared="+env.sharedDir).CombinedOutput(); err != nil {
+		logf("spool pool init: %v: %s", err, out)
+		return 1
+	}
 	s, err := c.StartSpool(ctx, cluster.SpoolConfig{
-		Binary:    env.spoolBin,
-		DeployDir: deployBase(root),
-		CRDDir:    *crdDir,
-		PoolDir:   env.poolDir,
-		PoolArgs:  []string{"capacity=" + *poolSize},
+		Binary:     env.spoolBin,
+		DeployDir:  deployBase(root),
+		CRDDir:     *crdDir,
+		PoolDir:    env.poolDir,
+		PoolArgs:   []string{"capacity=" + *poolSize},
+		ExtraPools: []string{"shared=" + env.sharedDir + ",shared"},
 	})
 	if err != nil {
 		logf("spool start failed: %v", err)
@@ -140,9 +151,11 @@ func run(m *testing.M) (code int) {
 			logf("stop spool: %v", err)
 			code = 1
 		}
-		if err := forceDetachLoops(env.poolDir); err != nil {
-			logf("%v", err)
-			code = 1
+		for _, dir := range []string{env.poolDir, env.sharedDir} {
+			if err := forceDetachLoops(dir); err != nil {
+				logf("%v", err)
+				code = 1
+			}
 		}
 	}()
 	return m.Run()

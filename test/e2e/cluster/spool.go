@@ -20,7 +20,9 @@ type SpoolConfig struct {
 	CRDDir    string   // the snapshot CRDs
 	PoolDir   string   // the pool directory
 	PoolArgs  []string // extra ",key=value" options of --pool, e.g. "capacity=2Gi"
-	Namespace string   // where deploy/base puts the ServiceAccounts
+	// ExtraPools are more --pool values, e.g. "shared=/dir,shared".
+	ExtraPools []string
+	Namespace  string // where deploy/base puts the ServiceAccounts
 }
 
 // sidecar is one CSI sidecar run as a host process with the identity of its
@@ -76,6 +78,9 @@ func (c *Cluster) StartSpool(ctx context.Context, cfg SpoolConfig) (s *Spool, er
 	}
 	s.nodeArgs = []string{cfg.Binary, "--endpoint=unix://" + s.Socket, "--node-id=" + c.NodeName,
 		"--pool=" + pool, "--mode=all", "--v=4"}
+	for _, p := range cfg.ExtraPools {
+		s.nodeArgs = append(s.nodeArgs, "--pool="+p)
+	}
 	if err := s.StartDriver(ctx); err != nil {
 		return s, err
 	}
