@@ -172,9 +172,13 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 	}
 	var attachedRO bool
 	pc := req.GetPublishContext()
-	if pc[ctxAttachedBy] == "node" && pc[ctxNode] == d.opts.NodeID {
+	switch {
+	case pc[ctxAttachedBy] == "node" && nv.pool.Shared():
+		// Only a controller with the pool attaches a shared volume.
+		err = preconditionf("volume %s is in shared pool %s: its publish context must come from a controller that serves the pool, not from an attach controller without pools", id, nv.pool.Name())
+	case pc[ctxAttachedBy] == "node" && pc[ctxNode] == d.opts.NodeID:
 		attachedRO, err = d.recordNodeAttachment(nv, pc)
-	} else {
+	default:
 		attachedRO, err = d.checkPublishContext(nv.vol, pc)
 	}
 	if err == nil && nv.pool.Shared() {

@@ -117,6 +117,11 @@ func TestSharedVolumeMovesBetweenNodes(t *testing.T) {
 			t.Fatalf("stage on node-b with %s publish context: %v", name, err)
 		}
 	}
+	// Nor with a context that claims a node-local attach.
+	nodeLocal := map[string]string{ctxNode: "node-b", ctxAttachedBy: "node"}
+	if err := c.stage(id, "node-b", vc, nodeLocal, stB); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stage on node-b with a node-local publish context: %v", err)
+	}
 	if c.k["node-b"].attached() != 0 {
 		t.Fatal("a refused stage attached a loop device")
 	}
