@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"context"
 	"strconv"
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
@@ -115,4 +116,18 @@ func (d *Driver) releaseNodeAttachment(nv *nodeVolume) error {
 		return nil
 	})
 	return err
+}
+
+// resizerNode is the node service an attach controller serves to
+// csi-resizer, which shares its socket: a controller that cannot expand
+// volumes (no EXPAND_VOLUME) makes the resizer ask NodeGetCapabilities
+// whether the node expands them alone, and without an answer it exits. It
+// says yes: the node's spool grows the image and the filesystem in
+// NodeExpandVolume. Every other node call is Unimplemented here.
+type resizerNode struct{ csi.UnimplementedNodeServer }
+
+func (resizerNode) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: []*csi.NodeServiceCapability{{
+		Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: csi.NodeServiceCapability_RPC_EXPAND_VOLUME}},
+	}}}, nil
 }

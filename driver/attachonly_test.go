@@ -6,7 +6,9 @@ import (
 	"testing"
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
 
@@ -130,4 +132,41 @@ func TestNodeRecordsNodeLocalAttachment(t *testing.T) {
 	if _, err := d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// csi-resizer shares the attach controller's socket; it exits unless
+// NodeGetCapabilities says the node expands volumes.
+func TestAttachOnlyControllerAnswersTheResizer(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "csi.sock")
+	d := newTestDriver(t, newFakeKernel(), func(o *Options) {
+		o.Mode, o.Pools, o.Endpoint = ModeController, nil, "unix://"+sock
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	lis, err := d.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- d.Serve(ctx, lis) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	node := csi.NewNodeClient(conn)
+	caps, err := node.NodeGetCapabilities(ctx, &csi.NodeGetCapabilitiesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := caps.GetCapabilities(); len(got) != 1 || got[0].GetRpc().GetType() != csi.NodeServiceCapability_RPC_EXPAND_VOLUME {
+		t.Fatalf("node capabilities of an attach controller: %v", got)
+	}
+	_, err = node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: "default:node-1:0123456789abcdef01234567"})
+	wantCode(t, err, codes.Unimplemented)
 }

@@ -267,6 +267,8 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	if d.opts.serves(ModeNode) {
 		csi.RegisterNodeServer(d.server, d)
+	} else if d.attachOnly() {
+		csi.RegisterNodeServer(d.server, resizerNode{})
 	}
 	klog.InfoS("Serving CSI", "driver", d.opts.DriverName, "version", d.opts.Version, "mode", d.opts.Mode,
 		"endpoint", d.opts.Endpoint, "node", d.opts.NodeID, "pools", strings.Join(d.poolOrder, ","))
