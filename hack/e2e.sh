@@ -16,6 +16,7 @@
 #
 # Extra arguments go to the test binary, e.g.
 #   hack/e2e.sh -test.run TestAttach
+# E2E_FLAVOURS="local" limits --deploy and --external to those flavours.
 set -euo pipefail
 DEPLOY=false EXTERNAL=false
 if [ "${1:-}" = --deploy ]; then DEPLOY=true; shift; fi
@@ -61,7 +62,7 @@ rc=0
 if $EXTERNAL; then
   # Each flavour as shipped (deploy/<flavour>, applied unchanged in the
   # cluster, as make e2e-deploy does), with its own test-driver file.
-  for flavour in single-node local; do
+  for flavour in ${E2E_FLAVOURS:-single-node local}; do
     t1=$(date +%s)
     echo "e2e: external storage suite, deploy/$flavour"
     run_tests -test.run TestExternalStorageSuite -e2e.flavour "$flavour" \
@@ -70,7 +71,7 @@ if $EXTERNAL; then
     echo "e2e: external storage suite, deploy/$flavour, finished in $(( $(date +%s) - t1 ))s"
   done
 elif $DEPLOY; then
-  for flavour in single-node local; do
+  for flavour in ${E2E_FLAVOURS:-single-node local}; do
     t1=$(date +%s)
     echo "e2e: deploy/$flavour"
     run_tests -e2e.flavour "$flavour" \
