@@ -255,7 +255,11 @@ func mountPoolFS(t *testing.T, dir, fsType string, n int64) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = loop.Detach(dev.Path) })
+	t.Cleanup(func() {
+		if err := loop.Detach(dev.Path); err != nil {
+			t.Errorf("detach %s: %v", dev.Path, err)
+		}
+	})
 	if out, err := exec.Command("mkfs."+fsType, "-q", "-f", dev.Path).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.%s: %v: %s", fsType, err, out)
 	}
@@ -266,7 +270,14 @@ func mountPoolFS(t *testing.T, dir, fsType string, n int64) string {
 	if err := unix.Mount(dev.Path, mnt, fsType, 0, ""); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = unix.Unmount(mnt, 0) })
+	t.Cleanup(func() {
+		// A test that failed halfway may leave the pool busy: detach the
+		// mount lazily rather than leave it, and its loop device, behind.
+		if err := unix.Unmount(mnt, 0); err != nil {
+			t.Errorf("unmount %s: %v; detaching it lazily", mnt, err)
+			_ = unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	})
 	return mnt
 }
 
