@@ -362,3 +362,43 @@ func TestSharedPoolMustBeTheSameShare(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The controller of a shared pool grows images itself (controller
+// expansion); the node then only grows the filesystem.
+func TestSharedControllerExpansion(t *testing.T) {
+	c := newSharedCluster(t)
+	ctx := context.Background()
+	vc := blockCap()
+	r, err := c.ctrl.CreateVolume(ctx, createReq("grow", 64<<20, vc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetVolume().GetVolumeId()
+	caps, err := c.ctrl.ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	expands := false
+	for _, cp := range caps.GetCapabilities() {
+		expands = expands || cp.GetRpc().GetType() == csi.ControllerServiceCapability_RPC_EXPAND_VOLUME
+	}
+	if !expands {
+		t.Fatal("the controller of a shared pool does not offer ControllerExpandVolume")
+	}
+	resp, err := c.ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: 128 << 20}, VolumeCapability: vc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetCapacityBytes() != 128<<20 {
+		t.Fatalf("expanded to %d", resp.GetCapacityBytes())
+	}
+	fi, err := os.Stat(filepath.Join(c.dir, "volumes", id[len("nfs::"):], "disk.img"))
+	if err != nil || fi.Size() != 128<<20 {
+		t.Fatalf("image after expansion: %v, %v", fi, err)
+	}
+	// A node sees the new size in the pool at once.
+	v, err := c.nodes["node-a"].pools["nfs"].Get(id[len("nfs::"):])
+	if err != nil || v.CapacityBytes != 128<<20 {
+		t.Fatalf("node-a reads %d bytes, %v", v.CapacityBytes, err)
+	}
+}
