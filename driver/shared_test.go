@@ -40,6 +40,16 @@ func newSharedCluster(t *testing.T) *sharedCluster {
 	return c
 }
 
+// create makes a volume through the controller and returns its ID.
+func (c *sharedCluster) create(t *testing.T, name string, vc *csi.VolumeCapability) string {
+	t.Helper()
+	r, err := c.ctrl.CreateVolume(context.Background(), createReq(name, 64<<20, vc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.GetVolume().GetVolumeId()
+}
+
 func (c *sharedCluster) publish(t *testing.T, id, node string, vc *csi.VolumeCapability) (map[string]string, error) {
 	t.Helper()
 	r, err := c.ctrl.ControllerPublishVolume(context.Background(), &csi.ControllerPublishVolumeRequest{VolumeId: id, NodeId: node, VolumeCapability: vc})
@@ -162,11 +172,7 @@ func TestSharedForceDetach(t *testing.T) {
 	c := newSharedCluster(t)
 	ctx := context.Background()
 	vc := blockCap()
-	r, err := c.ctrl.CreateVolume(ctx, createReq("pvc-1", 64<<20, vc))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.GetVolume().GetVolumeId()
+	id := c.create(t, "pvc-1", vc)
 	pcA, err := c.publish(t, id, "node-a", vc)
 	if err != nil {
 		t.Fatal(err)
@@ -272,11 +278,7 @@ func TestSharedAccessModes(t *testing.T) {
 		return vc
 	}
 	rox := withMode(mountCap("ext4"), csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY)
-	r, err := c.ctrl.CreateVolume(ctx, createReq("readers", 64<<20, rox))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.GetVolume().GetVolumeId()
+	id := c.create(t, "readers", rox)
 	for _, n := range []string{"node-a", "node-b"} {
 		pc, err := c.publish(t, id, n, rox)
 		if err != nil {
@@ -291,15 +293,12 @@ func TestSharedAccessModes(t *testing.T) {
 	}
 
 	rwxBlock := withMode(blockCap(), csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)
-	r, err = c.ctrl.CreateVolume(ctx, createReq("cluster-disk", 64<<20, rwxBlock))
-	if err != nil {
-		t.Fatal(err)
-	}
+	disk := c.create(t, "cluster-disk", rwxBlock)
 	for _, n := range []string{"node-a", "node-b"} {
 		if _, err := c.publish(t, id, n, rox); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.publish(t, r.GetVolume().GetVolumeId(), n, rwxBlock); err != nil {
+		if _, err := c.publish(t, disk, n, rwxBlock); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -312,7 +311,7 @@ func TestSharedAccessModes(t *testing.T) {
 	}
 	// Local pools still serve one node.
 	local := newTestDriver(t, newFakeKernel())
-	_, err = local.CreateVolume(ctx, createReq("local-readers", 64<<20, withMode(mountCap("ext4"), csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY)))
+	_, err := local.CreateVolume(ctx, createReq("local-readers", 64<<20, withMode(mountCap("ext4"), csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY)))
 	wantCode(t, err, codes.InvalidArgument)
 }
 
@@ -320,11 +319,7 @@ func TestSharedPoolMustBeTheSameShare(t *testing.T) {
 	c := newSharedCluster(t)
 	ctx := context.Background()
 	vc := mountCap("ext4")
-	r, err := c.ctrl.CreateVolume(ctx, createReq("pvc-1", 64<<20, vc))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.GetVolume().GetVolumeId()
+	id := c.create(t, "pvc-1", vc)
 	pc, err := c.publish(t, id, "node-a", vc)
 	if err != nil {
 		t.Fatal(err)
@@ -369,11 +364,7 @@ func TestSharedControllerExpansion(t *testing.T) {
 	c := newSharedCluster(t)
 	ctx := context.Background()
 	vc := blockCap()
-	r, err := c.ctrl.CreateVolume(ctx, createReq("grow", 64<<20, vc))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.GetVolume().GetVolumeId()
+	id := c.create(t, "grow", vc)
 	caps, err := c.ctrl.ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{})
 	if err != nil {
 		t.Fatal(err)

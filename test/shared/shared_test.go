@@ -163,6 +163,27 @@ func loopsOf(t *testing.T, share string) int {
 	return len(loops)
 }
 
+// stagedOnA creates a volume, attaches it to node-a and stages and
+// publishes it there.
+func (c *cluster) stagedOnA(t *testing.T, ctx context.Context, name string, n int64, vc *csi.VolumeCapability) *csiclient.Volume {
+	t.Helper()
+	r, err := c.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: n},
+		VolumeCapabilities: []*csi.VolumeCapability{vc}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetVolume().GetVolumeId()
+	pc, err := publish(ctx, c.ctrl, id, "node-a", vc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &csiclient.Volume{ID: id, Cap: vc, PublishContext: pc, Staging: filepath.Join(c.dir, "a-staging"), Target: filepath.Join(c.dir, "a-target")}
+	if err := c.nodeA.StageAndPublish(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
 type cluster struct {
 	share        string
 	dir          string
@@ -193,20 +214,8 @@ func TestMoveBetweenNodes(t *testing.T) {
 	c := newCluster(t)
 	ctx := context.Background()
 	vc := csiclient.MountCap("ext4")
-	r, err := c.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "move", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30},
-		VolumeCapabilities: []*csi.VolumeCapability{vc}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.GetVolume().GetVolumeId()
-	pcA, err := publish(ctx, c.ctrl, id, "node-a", vc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	onA := &csiclient.Volume{ID: id, Cap: vc, PublishContext: pcA, Staging: filepath.Join(c.dir, "a-staging"), Target: filepath.Join(c.dir, "a-target")}
-	if err := c.nodeA.StageAndPublish(ctx, onA); err != nil {
-		t.Fatal(err)
-	}
+	onA := c.stagedOnA(t, ctx, "move", 1<<30, vc)
+	id, pcA := onA.ID, onA.PublishContext
 	sum := c.nodeA.sh(t, "dd if=/dev/urandom of="+onA.Target+"/data bs=1M count=16 conv=fsync status=none; sha256sum "+onA.Target+"/data | cut -d' ' -f1")
 	if _, err := os.Stat(filepath.Join(onA.Target, "data")); !os.IsNotExist(err) {
 		t.Fatalf("node-a's mount is visible outside its namespace: %v", err)
@@ -235,6 +244,7 @@ func TestMoveBetweenNodes(t *testing.T) {
 	}
 	unpublish(t, ctx, c.ctrl, id, "node-a")
 	t1 := time.Now()
+	var err error
 	if onB.PublishContext, err = publish(ctx, c.ctrl, id, "node-b", vc); err != nil {
 		t.Fatal(err)
 	}
@@ -313,20 +323,8 @@ func TestForceDetach(t *testing.T) {
 	c := newCluster(t)
 	ctx := context.Background()
 	vc := csiclient.BlockCap()
-	r, err := c.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "fence", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{vc}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.GetVolume().GetVolumeId()
-	pcA, err := publish(ctx, c.ctrl, id, "node-a", vc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	onA := &csiclient.Volume{ID: id, Cap: vc, PublishContext: pcA, Staging: filepath.Join(c.dir, "a-staging"), Target: filepath.Join(c.dir, "a-target")}
-	if err := c.nodeA.StageAndPublish(ctx, onA); err != nil {
-		t.Fatal(err)
-	}
+	onA := c.stagedOnA(t, ctx, "fence", 64<<20, vc)
+	id, pcA := onA.ID, onA.PublishContext
 	health := func() []*csi.VolumeHealth_VolumeHealthEntry {
 		h, err := c.nodeA.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: onA.Staging})
 		if err != nil {
@@ -348,7 +346,7 @@ func TestForceDetach(t *testing.T) {
 	if !lost {
 		t.Fatalf("node-a does not report the lost attachment: %v", health())
 	}
-	_, err = c.nodeA.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(c.dir, "a-staging-2"), VolumeCapability: vc, PublishContext: pcA})
+	_, err := c.nodeA.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(c.dir, "a-staging-2"), VolumeCapability: vc, PublishContext: pcA})
 	if status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("node-a stages again after the force detach: %v", err)
 	}
