@@ -17,6 +17,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/spool-csi/spool/test/csiclient"
+	"github.com/spool-csi/spool/test/nodens"
 )
 
 // Scenario 11: a volume of a shared pool moves between nodes and keeps its
@@ -170,7 +171,7 @@ func startNode2(t *testing.T, name string) *node2 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--", env.spoolBin,
+	cmd := nodens.Command(env.spoolBin,
 		"--endpoint=unix://"+sock, "--node-id="+name, "--mode=node", "--pool=shared="+env.sharedDir+",shared", "--v=4")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {

@@ -29,6 +29,7 @@ import (
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 	"github.com/spool-csi/spool/test/leakcheck"
+	"github.com/spool-csi/spool/test/nodens"
 )
 
 var spoolBin string
@@ -71,8 +72,7 @@ func start(t *testing.T, dir, share, name, mode, nodeID string) *proc {
 		"--pool", "nfs=" + share + ",shared", "-v", "4"}
 	cmd := exec.Command(spoolBin, args...)
 	if mode == "node" {
-		// unshare execs spool: the child's PID is the node plugin's.
-		cmd = exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "--", spoolBin}, args...)...)
+		cmd = nodens.Command(spoolBin, args...)
 	}
 	logf, err := os.Create(filepath.Join(dir, name+".log"))
 	if err != nil {
