@@ -31,10 +31,24 @@ func TestPreProvisionedVolume(t *testing.T) {
 		return string(out)
 	}
 	manifest := spool("create", "--size=64Mi", "--name="+pvName, "--fs=ext4")
-	handle := strings.TrimSpace(spool("list", "-o", "handle"))
-	if !strings.Contains(manifest, handle) || !strings.Contains(manifest, "persistentVolumeReclaimPolicy: Retain") {
-		t.Fatalf("the printed PV does not name the volume %q with Retain:\n%s", handle, manifest)
+	// The pool may still hold an earlier scenario's volume whose deletion is
+	// in flight, so the new handle is the listed one the manifest names.
+	handle := ""
+	for _, h := range strings.Fields(spool("list", "-o", "handle")) {
+		if strings.Contains(manifest, "volumeHandle: \""+h+"\"") {
+			handle = h
+		}
 	}
+	if handle == "" || !strings.Contains(manifest, "persistentVolumeReclaimPolicy: Retain") {
+		t.Fatalf("the printed PV does not name a listed volume with Retain:\n%s", manifest)
+	}
+	// On failure, leave neither the volume nor its PV behind (cleanups run
+	// last-in first-out: the PV goes first).
+	t.Cleanup(func() {
+		if t.Failed() {
+			_ = exec.Command(env.spoolBin, "volume", "delete", handle, "--pool=default="+env.poolDir, "--node-id="+env.c.NodeName, "--endpoint=unix://"+env.socket).Run()
+		}
+	})
 	apply(t, manifest)
 	t.Cleanup(func() { _, _ = env.c.Kubectl(ctxFor(t), "delete", "pv", pvName, "--ignore-not-found") })
 	apply(t, fmt.Sprintf(`apiVersion: v1
