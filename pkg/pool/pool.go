@@ -164,16 +164,13 @@ type Pool struct {
 	id       string // the pool ID in the identity file
 
 	mu          sync.Mutex
-	vols        map[string]*Volume   // token -> volume
-	names       map[string]string    // name -> token
-	pending     map[string]bool      // names being created
-	busy        map[string]bool      // tokens being deleted
-	reserved    int64                // bytes of volumes being created
-	provisioned int64                // sum of CapacityBytes of vols
-	snaps       map[string]*Snapshot // token -> snapshot
-	snapNames   map[string]string    // name -> token
-	groups      map[string]*Group    // token -> group snapshot
-	groupNames  map[string]string    // name -> token
+	vols        map[string]*Volume // token -> volume
+	names       map[string]string  // name -> token
+	pending     map[string]bool    // names being created
+	busy        map[string]bool    // tokens being deleted
+	reserved    int64              // bytes of volumes being created
+	provisioned int64              // sum of CapacityBytes of vols
+	snapIndex
 }
 
 // Open opens (creating if needed) the pool directory, takes its lock,
@@ -191,7 +188,7 @@ func Open(spec Spec, node string) (*Pool, error) {
 	p := &Pool{
 		name: spec.Name, root: filepath.Clean(spec.Dir), node: node, capLimit: spec.Capacity,
 		vols: map[string]*Volume{}, names: map[string]string{}, pending: map[string]bool{}, busy: map[string]bool{},
-		snaps: map[string]*Snapshot{}, snapNames: map[string]string{}, groups: map[string]*Group{}, groupNames: map[string]string{},
+		snapIndex: newSnapIndex(),
 	}
 	if spec.Shared {
 		p.node, p.shared = "", true

@@ -266,21 +266,30 @@ func (e errNameTaken) Error() string { return "name committed by another control
 // commitShared runs commit (the rename of a built volume into volumes/)
 // under the pool's create lock, unless the name appeared on disk meanwhile.
 func (p *Pool) commitShared(name, token string, commit func() error) error {
+	return p.underCreateLock(func() error {
+		if err := p.refreshVolumes(); err != nil {
+			return err
+		}
+		p.mu.Lock()
+		other, taken := p.names[name]
+		p.mu.Unlock()
+		if taken && other != token {
+			return errNameTaken{token: other}
+		}
+		return commit()
+	})
+}
+
+// underCreateLock runs fn holding the shared pool's create lock, which
+// every controller takes to check that a name is free and commit an object
+// under it.
+func (p *Pool) underCreateLock(fn func() error) error {
 	unlock, err := flockFile(filepath.Join(p.root, createLockFile))
 	if err != nil {
 		return fmt.Errorf("pool %s: %w", p.name, err)
 	}
 	defer unlock()
-	if err := p.refreshVolumes(); err != nil {
-		return err
-	}
-	p.mu.Lock()
-	other, taken := p.names[name]
-	p.mu.Unlock()
-	if taken && other != token {
-		return errNameTaken{token: other}
-	}
-	return commit()
+	return fn()
 }
 
 // nodeRecord is a node plugin's registration in a shared pool.

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/spool-csi/spool/pkg/size"
+	"github.com/spool-csi/spool/pkg/volid"
 )
 
 // openShared opens the shared pool "nfs" in dir as one more process would.
@@ -313,4 +314,128 @@ func TestSharedPoolCleanup(t *testing.T) {
 	}
 	second.Close()
 	first.Close()
+}
+
+// TestSharedPoolSnapshotsSeenByOtherControllers: snapshots and group
+// snapshots one controller takes or deletes are what another controller,
+// opened before, sees next (a failover must not lose them).
+func TestSharedPoolSnapshotsSeenByOtherControllers(t *testing.T) {
+	dir, _ := initShared(t)
+	a, b := openShared(t, dir, false), openShared(t, dir, false)
+	ctx := context.Background()
+	v, _, err := a.CreateVolume(ctx, req("pvc-1", size.MiB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, created, err := a.CreateSnapshot(ctx, SnapshotRequest{Name: "snap-1", SourceToken: v.Token()})
+	if err != nil || !created {
+		t.Fatalf("CreateSnapshot: %v %t", err, created)
+	}
+	if got, err := b.GetSnapshot(s.Token()); err != nil || got.ID != s.ID {
+		t.Fatalf("GetSnapshot on the other controller: %+v %v", got, err)
+	}
+	if got, ok := b.GetSnapshotByName("snap-1"); !ok || got.ID != s.ID {
+		t.Fatalf("GetSnapshotByName on the other controller: %+v %t", got, ok)
+	}
+	if l := b.ListSnapshots(); len(l) != 1 || l[0].ID != s.ID {
+		t.Fatalf("ListSnapshots on the other controller: %+v", l)
+	}
+	if again, created, err := b.CreateSnapshot(ctx, SnapshotRequest{Name: "snap-1", SourceToken: v.Token()}); err != nil || created || again.ID != s.ID {
+		t.Fatalf("repeated CreateSnapshot on the other controller: %+v %t %v", again, created, err)
+	}
+	r := req("restored", size.MiB)
+	r.SourceKind, r.SourceToken = SourceSnapshot, s.Token()
+	if _, _, err := b.CreateVolume(ctx, r); err != nil {
+		t.Fatalf("restore on the other controller: %v", err)
+	}
+	if err := b.DeleteSnapshot(s.Token()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, snapshotsDir, s.Token())); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("snapshot directory after DeleteSnapshot: %v", err)
+	}
+	if _, err := a.GetSnapshot(s.Token()); status.Code(err) != codes.NotFound {
+		t.Fatalf("GetSnapshot on the first controller after the other deleted it: %v", err)
+	}
+	if _, ok := a.GetSnapshotByName("snap-1"); ok || len(a.ListSnapshots()) != 0 {
+		t.Fatal("the first controller still lists the deleted snapshot")
+	}
+	if err := a.DeleteSnapshot(s.Token()); err != nil {
+		t.Fatalf("DeleteSnapshot of a snapshot the other controller deleted: %v", err)
+	}
+
+	gid, err := volid.New(volid.KindGroup, "nfs", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _, err := a.CreateSnapshot(ctx, SnapshotRequest{Name: gid.String() + "/m", SourceToken: v.Token(), GroupID: gid.String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.GetSnapshot(m.Token()); status.Code(err) != codes.NotFound {
+		t.Fatalf("a member is visible before its group is recorded: %v", err)
+	}
+	if _, err := a.CreateGroup(gid, "group-1", []string{m.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if g, ok := b.GetGroupByName("group-1"); !ok || g.ID != gid.String() {
+		t.Fatalf("GetGroupByName on the other controller: %+v %t", g, ok)
+	}
+	if _, err := b.GetSnapshot(m.Token()); err != nil {
+		t.Fatalf("member on the other controller: %v", err)
+	}
+	other, _ := volid.New(volid.KindGroup, "nfs", "")
+	if _, err := b.CreateGroup(other, "group-1", []string{m.ID}); status.Code(err) != codes.Aborted {
+		t.Fatalf("second group of the same name: %v", err)
+	}
+	if err := b.DeleteGroup(gid.Token); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{filepath.Join(groupsDir, gid.Token), filepath.Join(snapshotsDir, m.Token())} {
+		if _, err := os.Stat(filepath.Join(dir, d)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s after DeleteGroup: %v", d, err)
+		}
+	}
+	if _, ok := a.GetGroupByName("group-1"); ok {
+		t.Fatal("the first controller still finds the deleted group")
+	}
+}
+
+// TestSharedPoolSnapshotCreateRace: two controllers creating one snapshot
+// name get the same snapshot, and one copy stays on disk.
+func TestSharedPoolSnapshotCreateRace(t *testing.T) {
+	dir, _ := initShared(t)
+	a, b := openShared(t, dir, false), openShared(t, dir, false)
+	v, _, err := a.CreateVolume(context.Background(), req("pvc-1", size.MiB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		name := "snap-race-" + string(rune('a'+i))
+		var wg sync.WaitGroup
+		ids := make([]string, 2)
+		for j, p := range []*Pool{a, b} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				s, _, err := p.CreateSnapshot(context.Background(), SnapshotRequest{Name: name, SourceToken: v.Token()})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				ids[j] = s.ID
+			}()
+		}
+		wg.Wait()
+		if ids[0] == "" || ids[0] != ids[1] {
+			t.Fatalf("%s: the controllers answered %q and %q", name, ids[0], ids[1])
+		}
+	}
+	entries, err := os.ReadDir(filepath.Join(dir, snapshotsDir))
+	if err != nil || len(entries) != 10 {
+		t.Fatalf("snapshots on disk after 10 racing creates: %d (%v)", len(entries), err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(dir, tmpDir)); len(left) != 0 {
+		t.Fatalf("%d half-built snapshots left in .tmp", len(left))
+	}
 }

@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -53,6 +54,20 @@ type Group struct {
 // Token is the group's token.
 func (g *Group) Token() string { return g.token }
 
+// snapIndex is the in-memory index of a pool's snapshots and group
+// snapshots. A shared pool's is re-read from the share before every use:
+// other controllers create and delete snapshots too.
+type snapIndex struct {
+	snaps      map[string]*Snapshot // token -> snapshot
+	snapNames  map[string]string    // name -> token
+	groups     map[string]*Group    // token -> group snapshot
+	groupNames map[string]string    // name -> token
+}
+
+func newSnapIndex() snapIndex {
+	return snapIndex{snaps: map[string]*Snapshot{}, snapNames: map[string]string{}, groups: map[string]*Group{}, groupNames: map[string]string{}}
+}
+
 func (p *Pool) snapshotDir(token string) string { return filepath.Join(p.root, snapshotsDir, token) }
 func (p *Pool) groupDir(token string) string    { return filepath.Join(p.root, groupsDir, token) }
 
@@ -69,6 +84,7 @@ type SnapshotRequest struct {
 // the existing snapshot of that name with created=false. The snapshot
 // appears only when the copy is whole, so every snapshot is ready to use.
 func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snapshot, created bool, err error) {
+	p.refreshSnapshots()
 	p.mu.Lock()
 	if tok, ok := p.snapNames[req.Name]; ok {
 		s := *p.snaps[tok]
@@ -104,6 +120,15 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 		CreatedAt: time.Now().UTC(), GroupID: req.GroupID, token: id.Token}
 	start := time.Now()
 	if err := p.buildSnapshot(ctx, &s, filepath.Join(p.volumeDir(src.token), imageFile)); err != nil {
+		var taken errNameTaken
+		if errors.As(err, &taken) {
+			klog.InfoS("Another controller created the snapshot first; returning it", "pool", p.name, "name", req.Name)
+			other, gerr := p.GetSnapshot(taken.token)
+			if gerr != nil {
+				return Snapshot{}, false, gerr
+			}
+			return other, false, nil
+		}
 		return Snapshot{}, false, err
 	}
 	klog.V(2).InfoS("Created snapshot", "pool", p.name, "snapshotID", s.ID, "name", s.Name, "source", s.SourceVolumeID,
@@ -131,11 +156,32 @@ func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage string) 
 	if err := os.Chmod(img, 0o400); err != nil {
 		return fmt.Errorf("making %s read-only: %w", img, err)
 	}
-	return commitDir(tmp, p.snapshotDir(s.token), snapshotMeta, s)
+	commit := func() error { return commitDir(tmp, p.snapshotDir(s.token), snapshotMeta, s) }
+	if !p.shared {
+		return commit()
+	}
+	return p.underCreateLock(func() error {
+		if err := p.loadSnapshots(false); err != nil {
+			return err
+		}
+		if other, ok := p.snapshotNamed(s.Name); ok && other != s.token {
+			return errNameTaken{token: other}
+		}
+		return commit()
+	})
+}
+
+// snapshotNamed returns the token of the snapshot with this name.
+func (p *Pool) snapshotNamed(name string) (string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	tok, ok := p.snapNames[name]
+	return tok, ok
 }
 
 // GetSnapshot returns the snapshot with this token, or a NotFound status.
 func (p *Pool) GetSnapshot(token string) (Snapshot, error) {
+	p.refreshSnapshots()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s, ok := p.snaps[token]
@@ -147,6 +193,7 @@ func (p *Pool) GetSnapshot(token string) (Snapshot, error) {
 
 // GetSnapshotByName returns the snapshot with this name, if any.
 func (p *Pool) GetSnapshotByName(name string) (Snapshot, bool) {
+	p.refreshSnapshots()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	tok, ok := p.snapNames[name]
@@ -158,6 +205,7 @@ func (p *Pool) GetSnapshotByName(name string) (Snapshot, bool) {
 
 // ListSnapshots returns all snapshots, sorted by ID.
 func (p *Pool) ListSnapshots() []Snapshot {
+	p.refreshSnapshots()
 	p.mu.Lock()
 	out := make([]Snapshot, 0, len(p.snaps))
 	for _, s := range p.snaps {
@@ -175,16 +223,28 @@ func (p *Pool) DeleteSnapshot(token string) error {
 	if status.Code(err) == codes.NotFound {
 		return nil
 	}
-	if err := p.trash(p.snapshotDir(token), "snap-"+token); err != nil {
+	if err := p.removeSnapshot(token); err != nil {
 		return fmt.Errorf("deleting snapshot %s: %w", s.ID, err)
 	}
+	klog.V(2).InfoS("Deleted snapshot", "pool", p.name, "snapshotID", s.ID)
+	return nil
+}
+
+// removeSnapshot trashes a snapshot's directory and drops it from the
+// index. A directory already gone was removed by another controller of a
+// shared pool, or by an earlier attempt.
+func (p *Pool) removeSnapshot(token string) error {
+	if err := p.trash(p.snapshotDir(token), "snap-"+token); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
 	p.mu.Lock()
-	delete(p.snaps, token)
-	if p.snapNames[s.Name] == token {
-		delete(p.snapNames, s.Name)
+	if s, ok := p.snaps[token]; ok {
+		delete(p.snaps, token)
+		if p.snapNames[s.Name] == token {
+			delete(p.snapNames, s.Name)
+		}
 	}
 	p.mu.Unlock()
-	klog.V(2).InfoS("Deleted snapshot", "pool", p.name, "snapshotID", s.ID)
 	return nil
 }
 
@@ -213,7 +273,25 @@ func (p *Pool) CreateGroup(id volid.ID, name string, snapshotIDs []string) (Grou
 	if err := os.Mkdir(tmp, 0o750); err != nil {
 		return Group{}, fmt.Errorf("creating %s: %w", tmp, err)
 	}
-	if err := commitDir(tmp, p.groupDir(id.Token), groupMeta, &g); err != nil {
+	commit := func() error { return commitDir(tmp, p.groupDir(id.Token), groupMeta, &g) }
+	if p.shared {
+		commit = func() error {
+			return p.underCreateLock(func() error {
+				if err := p.loadSnapshots(false); err != nil {
+					return err
+				}
+				p.mu.Lock()
+				_, taken := p.groupNames[name]
+				p.mu.Unlock()
+				if taken {
+					// The caller removes its members; a retry finds the other's group.
+					return status.Errorf(codes.Aborted, "group snapshot %q was just created by another controller", name)
+				}
+				return commitDir(tmp, p.groupDir(id.Token), groupMeta, &g)
+			})
+		}
+	}
+	if err := commit(); err != nil {
 		_ = os.RemoveAll(tmp)
 		return Group{}, fmt.Errorf("recording group snapshot %s: %w", g.ID, err)
 	}
@@ -228,6 +306,7 @@ func (p *Pool) CreateGroup(id volid.ID, name string, snapshotIDs []string) (Grou
 
 // GetGroup returns the group snapshot with this token, or NotFound.
 func (p *Pool) GetGroup(token string) (Group, error) {
+	p.refreshSnapshots()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	g, ok := p.groups[token]
@@ -241,6 +320,7 @@ func (p *Pool) GetGroup(token string) (Group, error) {
 
 // GetGroupByName returns the group snapshot with this name, if any.
 func (p *Pool) GetGroupByName(name string) (Group, bool) {
+	p.refreshSnapshots()
 	p.mu.Lock()
 	tok, ok := p.groupNames[name]
 	p.mu.Unlock()
@@ -258,8 +338,8 @@ func (p *Pool) DeleteGroup(token string) error {
 	if status.Code(err) == codes.NotFound {
 		return nil
 	}
-	if err := p.trash(p.groupDir(token), "group-"+token); err != nil {
-		return err
+	if err := p.trash(p.groupDir(token), "group-"+token); err != nil && !(p.shared && errors.Is(err, os.ErrNotExist)) {
+		return fmt.Errorf("deleting group snapshot %s: %w", g.ID, err)
 	}
 	p.mu.Lock()
 	delete(p.groups, token)
@@ -267,21 +347,28 @@ func (p *Pool) DeleteGroup(token string) error {
 		delete(p.groupNames, g.Name)
 	}
 	p.mu.Unlock()
-	for _, s := range p.ListSnapshots() {
-		if s.GroupID == g.ID {
-			if err := p.DeleteSnapshot(s.token); err != nil {
-				return err
-			}
+	// The members, by the record: with the record gone, a shared pool's
+	// index no longer lists them.
+	for _, id := range g.SnapshotIDs {
+		sid, err := volid.ParseKind(id, volid.KindSnapshot)
+		if err != nil {
+			klog.ErrorS(err, "Group snapshot record names a malformed member", "pool", p.name, "groupSnapshotID", g.ID)
+			continue
+		}
+		if err := p.removeSnapshot(sid.Token); err != nil {
+			return fmt.Errorf("deleting member %s of group snapshot %s: %w", id, g.ID, err)
 		}
 	}
 	klog.V(2).InfoS("Deleted group snapshot", "pool", p.name, "groupSnapshotID", g.ID)
 	return nil
 }
 
-// loadSnapshots reads snapshots and groups at Open. Member snapshots of
-// groups whose record was never written or was deleted are removed when
-// clean is set (no other process uses the pool), else left out of the index.
+// loadSnapshots reads the snapshots and groups into the index. Member
+// snapshots of groups whose record was never written or was deleted are
+// removed when clean is set (no other process uses the pool), else left out
+// of the index.
 func (p *Pool) loadSnapshots(clean bool) error {
+	idx := newSnapIndex()
 	if err := p.loadDir(groupsDir, groupMeta, func(tok string, data []byte) error {
 		g := &Group{}
 		if err := json.Unmarshal(data, g); err != nil {
@@ -291,16 +378,16 @@ func (p *Pool) loadSnapshots(clean bool) error {
 			return fmt.Errorf("metadata names ID %q", g.ID)
 		}
 		g.token = tok
-		p.groups[tok], p.groupNames[g.Name] = g, tok
+		idx.groups[tok], idx.groupNames[g.Name] = g, tok
 		return nil
 	}); err != nil {
 		return err
 	}
 	groupIDs := map[string]bool{}
-	for _, g := range p.groups {
+	for _, g := range idx.groups {
 		groupIDs[g.ID] = true
 	}
-	return p.loadDir(snapshotsDir, snapshotMeta, func(tok string, data []byte) error {
+	if err := p.loadDir(snapshotsDir, snapshotMeta, func(tok string, data []byte) error {
 		s := &Snapshot{}
 		if err := json.Unmarshal(data, s); err != nil {
 			return err
@@ -316,9 +403,27 @@ func (p *Pool) loadSnapshots(clean bool) error {
 			klog.InfoS("Removing member of an unfinished or deleted group snapshot", "pool", p.name, "snapshotID", s.ID, "groupSnapshotID", s.GroupID)
 			return p.trash(p.snapshotDir(tok), "snap-"+tok)
 		}
-		p.snaps[tok], p.snapNames[s.Name] = s, tok
+		idx.snaps[tok], idx.snapNames[s.Name] = s, tok
 		return nil
-	})
+	}); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.snapIndex = idx
+	p.mu.Unlock()
+	return nil
+}
+
+// refreshSnapshots re-reads a shared pool's snapshots and groups: other
+// controllers create and delete them. A local pool's index is always
+// current.
+func (p *Pool) refreshSnapshots() {
+	if !p.shared {
+		return
+	}
+	if err := p.loadSnapshots(false); err != nil {
+		klog.ErrorS(err, "Could not rescan the snapshots of a shared pool", "pool", p.name)
+	}
 }
 
 // loadDir calls load for the metadata of every object directory in dir.
