@@ -49,7 +49,13 @@ func deleteVolumes(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return usagef("%q is not a volume handle: %v", h, err)
 		}
-		if id.Node != c.nodeID || !slices.ContainsFunc(c.pools, func(s pool.Spec) bool { return s.Name == id.Pool }) {
+		// A shared volume belongs to its pool, which must be declared
+		// shared; a local one to its pool on its node.
+		served := slices.ContainsFunc(c.pools, func(s pool.Spec) bool { return s.Name == id.Pool && s.Shared == id.Shared() })
+		switch {
+		case id.Shared() && !served:
+			return usagef("volume %s lives in shared pool %s, which the --pool flags do not name as shared", h, id.Pool)
+		case !id.Shared() && (id.Node != c.nodeID || !served):
 			return usagef("volume %s lives in pool %s of node %s, which the --pool and --node-id flags do not name", h, id.Pool, id.Node)
 		}
 	}

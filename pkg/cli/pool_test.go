@@ -37,3 +37,28 @@ func TestPoolInit(t *testing.T) {
 		}
 	}
 }
+
+// TestVolumesOfASharedPool: the volume commands work on a shared pool,
+// whose handles name no node.
+func TestVolumesOfASharedPool(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "share")
+	var out, errb bytes.Buffer
+	if code := Pool([]string{"init", "nfs=" + dir}, &out, &errb); code != exitOK {
+		t.Fatalf("pool init: exit %d: %s", code, errb.String())
+	}
+	common := []string{"--pool", "nfs=" + dir + ",shared", "--node-id", testNode}
+	r := mustRun(t, 0, append([]string{"create", "--name", "pre", "--size", "1Mi", "--fs", "ext4"}, common...)...)
+	if !strings.Contains(r.stdout, "spool.csi.dev/pool-nfs") {
+		t.Errorf("the PV of a shared volume does not name the pool's topology:\n%s", r.stdout)
+	}
+	h := strings.TrimSpace(mustRun(t, 0, append([]string{"list", "-o", "handle"}, common...)...).stdout)
+	if !strings.HasPrefix(h, "nfs::") {
+		t.Fatalf("handle %q", h)
+	}
+	// Declared as a local pool, the shared volume is not this command's.
+	mustRun(t, exitUsage, "delete", "--pool", "nfs="+dir, "--node-id", testNode, h)
+	mustRun(t, 0, append([]string{"delete"}, append(common, h)...)...)
+	if dirs := volumeDirs(t, dir); len(dirs) != 0 {
+		t.Fatalf("volume directories after delete: %v", dirs)
+	}
+}
