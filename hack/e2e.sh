@@ -4,7 +4,7 @@
 # the test starts on this machine and tears down again. Needs root.
 #
 # With --deploy (make e2e-deploy) Spool runs in the cluster from deploy/
-# instead: each flavour (single-node, then local) is applied unchanged, with
+# instead: each flavour (single-node, local, then shared) is applied unchanged, with
 # images made here under the names the manifests use, and scenarios 1, 3, 4,
 # 5 and 8 run through the in-cluster driver.
 #
@@ -71,7 +71,7 @@ if $EXTERNAL; then
     echo "e2e: external storage suite, deploy/$flavour, finished in $(( $(date +%s) - t1 ))s"
   done
 elif $DEPLOY; then
-  for flavour in ${E2E_FLAVOURS:-single-node local}; do
+  for flavour in ${E2E_FLAVOURS:-single-node local shared}; do
     t1=$(date +%s)
     echo "e2e: deploy/$flavour"
     run_tests -e2e.flavour "$flavour" \

@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -21,7 +23,38 @@ const (
 	flavourPool   = "/var/lib/spool/default"
 	flavourSocket = "/var/lib/kubelet/plugins/spool.csi.dev/csi.sock"
 	systemNS      = "spool-system"
+	// The share deploy/shared expects on every node, and its pool. The
+	// test makes it as a plain directory, which plays the share on this
+	// one-node cluster.
+	sharedMount = "/mnt/spool-share"
+	sharedPool  = sharedMount + "/spool"
 )
+
+// flavourPoolDir is where the flavour's pool `default` is on the node.
+func flavourPoolDir() string {
+	if *flavour == "shared" {
+		return sharedPool
+	}
+	return flavourPool
+}
+
+// makeShare initialises deploy/shared's pool, as an operator does once with
+// `spool pool init`. It refuses a share that is already there: that may be
+// a real one. The returned remove deletes what it made.
+func makeShare(ctx context.Context) (func() error, error) {
+	if entries, err := os.ReadDir(sharedMount); err == nil && len(entries) > 0 {
+		return nil, fmt.Errorf("%s exists and is not empty: not touching what may be a real share", sharedMount)
+	}
+	if err := os.MkdirAll(sharedMount, 0o755); err != nil {
+		return nil, err
+	}
+	remove := func() error { return os.RemoveAll(sharedMount) }
+	out, err := exec.CommandContext(ctx, env.spoolBin, "pool", "init", "default="+sharedPool).CombinedOutput()
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("spool pool init: %w: %s", err, out), remove())
+	}
+	return remove, nil
+}
 
 // setupFlavour validates every manifest and example against the API server,
 // makes and imports the images, applies the flavour and waits for its pods.
@@ -40,6 +73,14 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 		return nil, err
 	}
 	stopSnap := func() error { return snapCtl.Stop(15 * time.Second) }
+	if *flavour == "shared" {
+		removeShare, err := makeShare(ctx)
+		if err != nil {
+			return stopSnap, err
+		}
+		stop := stopSnap
+		stopSnap = func() error { return errors.Join(stop(), removeShare()) }
+	}
 
 	// First, a dry run of every flavour and example on the server: a typo
 	// fails here in seconds, not after a pod times out. Namespaced objects
@@ -84,7 +125,7 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 		if err := nodeClean(); err != nil {
 			errs = append(errs, fmt.Errorf("after deleting deploy/%s: %w", *flavour, err))
 		}
-		errs = append(errs, forceDetachLoops(flavourPool), stopSnap())
+		errs = append(errs, forceDetachLoops(flavourPoolDir()), stopSnap())
 		return errors.Join(errs...)
 	}
 	if err := waitWorkloads(ctx, rendered); err != nil {
@@ -98,7 +139,7 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 	}
 	logf("deploy: kubectl apply -k deploy/%s to all pods Ready: %.1fs; driver registered with kubelet after %.1fs",
 		*flavour, ready.Seconds(), time.Since(applied).Seconds())
-	env.poolDir, env.socket = flavourPool, flavourSocket
+	env.poolDir, env.socket = flavourPoolDir(), flavourSocket
 	return teardown, nil
 }
 
@@ -148,5 +189,5 @@ func nodeClean() error {
 	if strings.TrimSpace(out) != "" {
 		return fmt.Errorf("pods left: %s", out)
 	}
-	return nodeHolds(flavourPool)
+	return nodeHolds(flavourPoolDir())
 }

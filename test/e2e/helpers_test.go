@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -238,6 +239,27 @@ func boundPV(t *testing.T, ns, claim string) (string, pvInfo) {
 }
 
 // imagePath is where the volume's image lives in the pool.
+// volumeTopology is what the volumes of the pool under test look like: the
+// prefix of their handles and the one term of their PVs' node affinity.
+func volumeTopology() (handlePrefix, key, value string) {
+	if *flavour == "shared" {
+		return "default::", "spool.csi.dev/pool-default", "present"
+	}
+	return "default:" + env.c.NodeName + ":", "spool.csi.dev/node", env.c.NodeName
+}
+
+// volumeCLI runs `spool volume` against the pool under test: through the
+// driver's socket, or for the shared flavour, whose node socket serves no
+// controller, on the shared pool itself, as one more controller.
+func volumeCLI(args ...string) *exec.Cmd {
+	if *flavour == "shared" {
+		args = append(args, "--pool=default="+env.poolDir+",shared", "--node-id="+env.c.NodeName)
+	} else {
+		args = append(args, "--pool=default="+env.poolDir, "--node-id="+env.c.NodeName, "--endpoint=unix://"+env.socket)
+	}
+	return exec.Command(env.spoolBin, append([]string{"volume"}, args...)...)
+}
+
 func imagePath(t *testing.T, handle string) string {
 	t.Helper()
 	parts := strings.Split(handle, ":")

@@ -27,7 +27,7 @@ var (
 	kubeletRoot = flag.String("e2e.kubelet-root", "/var/lib/kubelet", "kubelet's root directory")
 	keepLogs    = flag.String("e2e.logs", "", "copy the cluster's logs here when a test fails")
 	deployDir   = flag.String("e2e.deploy", "", "kustomize base with the CSIDriver, RBAC and classes (default <repo>/deploy/base)")
-	flavour     = flag.String("e2e.flavour", "", "run Spool in the cluster from deploy/<flavour> (single-node, local) instead of as host processes")
+	flavour     = flag.String("e2e.flavour", "", "run Spool in the cluster from deploy/<flavour> (single-node, local, shared) instead of as host processes")
 	poolSize    = flag.String("e2e.pool-capacity", "3Gi", "capacity of the test pool")
 )
 

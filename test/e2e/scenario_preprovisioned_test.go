@@ -19,8 +19,7 @@ func TestPreProvisionedVolume(t *testing.T) {
 	pvName := "pre-" + ns
 	spool := func(args ...string) string {
 		t.Helper()
-		args = append(args, "--pool=default="+env.poolDir, "--node-id="+env.c.NodeName, "--endpoint=unix://"+env.socket)
-		out, err := exec.Command(env.spoolBin, append([]string{"volume"}, args...)...).Output()
+		out, err := volumeCLI(args...).Output()
 		if err != nil {
 			var stderr string
 			if ee, ok := err.(*exec.ExitError); ok {
@@ -46,7 +45,7 @@ func TestPreProvisionedVolume(t *testing.T) {
 	// last-in first-out: the PV goes first).
 	t.Cleanup(func() {
 		if t.Failed() {
-			_ = exec.Command(env.spoolBin, "volume", "delete", handle, "--pool=default="+env.poolDir, "--node-id="+env.c.NodeName, "--endpoint=unix://"+env.socket).Run()
+			_ = volumeCLI("delete", handle).Run()
 		}
 	})
 	apply(t, manifest)

@@ -26,16 +26,17 @@ func TestDynamicProvisioningImmediate(t *testing.T) {
 	if pv.Spec.CSI.Driver != "spool.csi.dev" {
 		t.Errorf("PV driver %q", pv.Spec.CSI.Driver)
 	}
-	if want := "default:" + env.c.NodeName + ":"; !strings.HasPrefix(pv.Spec.CSI.VolumeHandle, want) {
-		t.Errorf("volume handle %q does not start with %q", pv.Spec.CSI.VolumeHandle, want)
+	prefix, key, value := volumeTopology()
+	if !strings.HasPrefix(pv.Spec.CSI.VolumeHandle, prefix) {
+		t.Errorf("volume handle %q does not start with %q", pv.Spec.CSI.VolumeHandle, prefix)
 	}
 	if pv.Spec.Capacity.Storage != "100Mi" {
 		t.Errorf("PV capacity %q, want 100Mi", pv.Spec.Capacity.Storage)
 	}
 	terms := pv.Spec.NodeAffinity.Required.Terms
-	if len(terms) != 1 || len(terms[0].Exprs) != 1 || terms[0].Exprs[0].Key != "spool.csi.dev/node" ||
-		strings.Join(terms[0].Exprs[0].Values, ",") != env.c.NodeName {
-		t.Errorf("PV node affinity %+v, want spool.csi.dev/node in [%s]", terms, env.c.NodeName)
+	if len(terms) != 1 || len(terms[0].Exprs) != 1 || terms[0].Exprs[0].Key != key ||
+		strings.Join(terms[0].Exprs[0].Values, ",") != value {
+		t.Errorf("PV node affinity %+v, want %s in [%s]", terms, key, value)
 	}
 	img := imagePath(t, pv.Spec.CSI.VolumeHandle)
 	if st, err := statSize(img); err != nil || st != 100<<20 {
