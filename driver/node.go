@@ -187,6 +187,9 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 			gen, _ := generationOf(pc) // checkPublishContext parsed it
 			err = d.markStaged(nv.pool, nv.vol, gen)
 		}
+		if err == nil {
+			faults.Point("stage-marked")
+		}
 	}
 	if err != nil {
 		return nil, err

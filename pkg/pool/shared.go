@@ -299,11 +299,16 @@ type nodeRecord struct {
 }
 
 // RegisterNode records, in a shared pool, that node has the pool mounted:
-// controllers attach volumes only to registered nodes. The record stays
-// when the node goes away; a node that never had the pool is never in it.
+// controllers attach volumes only to registered nodes. The record is
+// written once and stays when the node goes away; a node that never had
+// the pool is never in it.
 func (p *Pool) RegisterNode(node string) error {
 	if err := volid.ValidateNodeID(node); err != nil {
 		return err
+	}
+	if p.NodeRegistered(node) {
+		// Once is enough: a restart writes nothing to the share.
+		return nil
 	}
 	dir := filepath.Join(p.root, nodesDir)
 	if err := os.MkdirAll(dir, 0o750); err != nil {

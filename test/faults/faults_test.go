@@ -65,18 +65,29 @@ type harness struct {
 	t    *testing.T
 	dir  string
 	pool string
-	sock string
-	cmd  *exec.Cmd
-	dead chan struct{}
-	c    *csiclient.Client
-	base int64 // allocated bytes of the empty pool
+	// poolFlag is the driver's --pool flag.
+	poolFlag string
+	sock     string
+	cmd      *exec.Cmd
+	dead     chan struct{}
+	c        *csiclient.Client
+	base     int64 // allocated bytes of the empty pool
 }
 
-func newHarness(t *testing.T) *harness {
+// newHarness makes a pool (a shared one, made as an operator does with
+// spool pool init, when shared is set) and starts the driver on it.
+func newHarness(t *testing.T, shared bool) *harness {
 	leakcheck.RequireRoot(t)
 	dir := t.TempDir()
 	leakcheck.Check(t, dir)
 	h := &harness{t: t, dir: dir, pool: filepath.Join(dir, "pool"), sock: filepath.Join(dir, "csi.sock")}
+	h.poolFlag = "default=" + h.pool
+	if shared {
+		if out, err := exec.Command(binary, "pool", "init", h.poolFlag).CombinedOutput(); err != nil {
+			t.Fatalf("spool pool init: %v: %s", err, out)
+		}
+		h.poolFlag += ",shared"
+	}
 	t.Cleanup(func() {
 		h.stop()
 		if t.Failed() {
@@ -88,6 +99,18 @@ func newHarness(t *testing.T) *harness {
 	return h
 }
 
+// onEachPool runs body on a local pool and on a shared one, whose steps
+// also hold flock locks on the pool that a kill must release.
+func onEachPool(t *testing.T, body func(*testing.T, *harness)) {
+	for _, shared := range []bool{false, true} {
+		name := "local"
+		if shared {
+			name = "shared"
+		}
+		t.Run(name, func(t *testing.T) { body(t, newHarness(t, shared)) })
+	}
+}
+
 // start starts the driver; with point set it kills itself there.
 func (h *harness) start(point string) {
 	h.t.Helper()
@@ -96,7 +119,7 @@ func (h *harness) start(point string) {
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	cmd := exec.Command(binary, "--endpoint", "unix://"+h.sock, "--node-id", node, "--pool", "default="+h.pool, "-v", "2")
+	cmd := exec.Command(binary, "--endpoint", "unix://"+h.sock, "--node-id", node, "--pool", h.poolFlag, "-v", "2")
 	cmd.Env = append(os.Environ(), "SPOOL_FAULT_POINT="+point)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -324,8 +347,9 @@ func (h *harness) withPattern(name string) (string, string) {
 	return id, digest(h.t, h.image(id), 16<<20)
 }
 
-func TestKillDuringCreateAndDelete(t *testing.T) {
-	h := newHarness(t)
+func TestKillDuringCreateAndDelete(t *testing.T) { onEachPool(t, killDuringCreateAndDelete) }
+
+func killDuringCreateAndDelete(t *testing.T, h *harness) {
 	for _, point := range []string{"create-image-written", "commit-meta-written", "create-renamed"} {
 		h.crash(point, func(context.Context) error { _, err := h.create("v", 8<<20, nil); return err })
 		// Either nothing or a whole volume exists; the retry answers it.
@@ -353,8 +377,9 @@ func TestKillDuringCreateAndDelete(t *testing.T) {
 
 // The attach record is replaced atomically: a kill before the rename
 // leaves the volume unattached, and the retry attaches it.
-func TestKillDuringAttach(t *testing.T) {
-	h := newHarness(t)
+func TestKillDuringAttach(t *testing.T) { onEachPool(t, killDuringAttach) }
+
+func killDuringAttach(t *testing.T, h *harness) {
 	id, err := h.create("v", 8<<20, nil)
 	mustOK(t, err)
 	pub := &csi.ControllerPublishVolumeRequest{VolumeId: id, NodeId: node, VolumeCapability: mountCap()}
@@ -376,8 +401,9 @@ func TestKillDuringAttach(t *testing.T) {
 
 // Snapshots, restores and clones interrupted at each step leave nothing or
 // a whole copy, and the retried copy holds exactly the origin's data.
-func TestKillDuringSnapshotRestoreClone(t *testing.T) {
-	h := newHarness(t)
+func TestKillDuringSnapshotRestoreClone(t *testing.T) { onEachPool(t, killDuringSnapshotRestoreClone) }
+
+func killDuringSnapshotRestoreClone(t *testing.T, h *harness) {
 	src, sum := h.withPattern("origin")
 	var snapID string
 	var snapIDs []string
@@ -431,8 +457,9 @@ func TestKillDuringSnapshotRestoreClone(t *testing.T) {
 
 // An expansion interrupted between the image and its metadata is finished
 // by the retry.
-func TestKillDuringControllerExpand(t *testing.T) {
-	h := newHarness(t)
+func TestKillDuringControllerExpand(t *testing.T) { onEachPool(t, killDuringControllerExpand) }
+
+func killDuringControllerExpand(t *testing.T, h *harness) {
 	id, sum := h.withPattern("v")
 	exp := &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: 48 << 20}}
 	h.crash("expand-image-grown", func(context.Context) error { _, err := h.c.ControllerExpandVolume(ctx(), exp); return err })
@@ -462,10 +489,19 @@ func (h *harness) nodeVolume(name string, vc *csi.VolumeCapability, n int64) *cs
 // The node steps killed half way: the restarted plugin and the CO's retry
 // end in the state an uninterrupted call makes, the data written before
 // the kill is there, and cleanup leaves nothing.
-func TestKillDuringNodeOperations(t *testing.T) {
-	h := newHarness(t)
+func TestKillDuringNodeOperations(t *testing.T) { onEachPool(t, killDuringNodeOperations) }
+
+func killDuringNodeOperations(t *testing.T, h *harness) {
 	data := []byte("written before the kill")
-	for _, point := range []string{"stage-attached", "stage-mounted", "publish-target-made", "nodeexpand-capacity-set", "unstage-unmounted", "snapshot-frozen"} {
+	points := []string{"stage-attached", "stage-mounted", "publish-target-made", "nodeexpand-capacity-set", "unstage-unmounted", "snapshot-frozen"}
+	if strings.HasSuffix(h.poolFlag, ",shared") {
+		// On a shared pool, NodeStage first marks the attachment staged
+		// on the share, under the volume's lock, then attaches: killed
+		// between the two, the restarted plugin must neither trip over the
+		// mark nor still hold the lock.
+		points = append(points, "stage-marked")
+	}
+	for _, point := range points {
 		vc, n := mountCap(), int64(32<<20)
 		if point == "nodeexpand-capacity-set" {
 			// xfs grows online without CAP_SYS_RESOURCE, which ext4 needs.
@@ -481,7 +517,7 @@ func TestKillDuringNodeOperations(t *testing.T) {
 			return err
 		}
 		switch point {
-		case "stage-attached", "stage-mounted":
+		case "stage-marked", "stage-attached", "stage-mounted":
 			h.crash(point, stage)
 			mustOK(t, stage(ctx()))
 			mustOK(t, publish(ctx()))
@@ -594,8 +630,9 @@ func (h *harness) workload(i int) []func() error {
 // Kills at random moments of a CO's workload: after a restart the CO
 // retries the interrupted call and finishes the workload, which must
 // succeed and leave nothing behind.
-func TestRandomKills(t *testing.T) {
-	h := newHarness(t)
+func TestRandomKills(t *testing.T) { onEachPool(t, randomKills) }
+
+func randomKills(t *testing.T, h *harness) {
 	n := 200
 	if testing.Short() {
 		n = 20
