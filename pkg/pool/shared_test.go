@@ -375,6 +375,17 @@ func TestSharedPoolSnapshotsSeenByOtherControllers(t *testing.T) {
 	if _, err := b.GetSnapshot(m.Token()); status.Code(err) != codes.NotFound {
 		t.Fatalf("a member is visible before its group is recorded: %v", err)
 	}
+	// A failed group snapshot removes its members, which no index lists.
+	orphan, _, err := a.CreateSnapshot(ctx, SnapshotRequest{Name: gid.String() + "/orphan", SourceToken: v.Token(), GroupID: gid.String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.DeleteSnapshot(orphan.Token()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, snapshotsDir, orphan.Token())); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("member of an unrecorded group after DeleteSnapshot: %v", err)
+	}
 	if _, err := a.CreateGroup(gid, "group-1", []string{m.ID}); err != nil {
 		t.Fatal(err)
 	}

@@ -221,6 +221,12 @@ func (p *Pool) ListSnapshots() []Snapshot {
 func (p *Pool) DeleteSnapshot(token string) error {
 	s, err := p.GetSnapshot(token)
 	if status.Code(err) == codes.NotFound {
+		if p.shared {
+			// The index of a shared pool leaves out the members of a
+			// group whose record is not written (a failed group snapshot
+			// removing its members): their directories may be there.
+			return p.removeSnapshot(token)
+		}
 		return nil
 	}
 	if err := p.removeSnapshot(token); err != nil {
