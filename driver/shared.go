@@ -60,12 +60,16 @@ func (d *Driver) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
 	return true
 }
 
-// nodeSegments is this node's topology: its node ID, and every shared pool
-// that is really there (its identity file readable and unchanged).
+// nodeSegments is this node's topology: its node ID when it has a local
+// pool, and every shared pool that is really there (its identity file
+// readable and unchanged). A node with only shared pools reports no node
+// key: nothing of it is reachable from this node alone, and the
+// provisioner then tracks a shared pool's capacity once, not once per node.
 func (d *Driver) nodeSegments() map[string]string {
-	seg := map[string]string{d.topologyKey: d.opts.NodeID}
+	seg := map[string]string{}
 	for _, p := range d.poolList() {
 		if !p.Shared() {
+			seg[d.topologyKey] = d.opts.NodeID
 			continue
 		}
 		if err := p.CheckIdentity(); err != nil {

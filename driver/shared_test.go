@@ -97,9 +97,22 @@ func TestSharedVolumeMovesBetweenNodes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if seg := info.GetAccessibleTopology().GetSegments(); seg["spool.csi.dev/pool-nfs"] != "present" || seg["spool.csi.dev/node"] != n {
+		// Only shared pools here: no node key.
+		if seg := info.GetAccessibleTopology().GetSegments(); len(seg) != 1 || seg["spool.csi.dev/pool-nfs"] != "present" {
 			t.Fatalf("%s topology %v", n, seg)
 		}
+	}
+	// A node with a local pool as well reports its node key too.
+	both := newTestDriver(t, newFakeKernel(), func(o *Options) {
+		o.Mode, o.NodeID = ModeNode, "node-d"
+		o.Pools = []pool.Spec{{Name: "local", Dir: filepath.Join(t.TempDir(), "local")}, {Name: "nfs", Dir: c.dir, Shared: true}}
+	})
+	info, err := both.NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seg := info.GetAccessibleTopology().GetSegments(); len(seg) != 2 || seg["spool.csi.dev/pool-nfs"] != "present" || seg["spool.csi.dev/node"] != "node-d" {
+		t.Fatalf("topology of a node with a local and a shared pool: %v", seg)
 	}
 
 	// A node that never registered (no node plugin sees the share there).

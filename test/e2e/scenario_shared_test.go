@@ -6,9 +6,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -202,6 +204,15 @@ func startNode2(t *testing.T, name string) *node2 {
 		_, err := c.Probe(context.Background(), &csi.ProbeRequest{})
 		return err
 	})
+	// The CSINode object kubelet would make from NodeGetInfo.
+	info, err := c.NodeGetInfo(context.Background(), &csi.NodeGetInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := slices.Sorted(maps.Keys(info.GetAccessibleTopology().GetSegments()))
+	if !slices.Equal(keys, []string{"spool.csi.dev/pool-shared"}) {
+		t.Fatalf("%s (only a shared pool) reports topology keys %v", name, keys)
+	}
 	apply(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
 kind: CSINode
 metadata: {name: %s}
@@ -209,8 +220,8 @@ spec:
   drivers:
   - name: spool.csi.dev
     nodeID: %s
-    topologyKeys: [spool.csi.dev/node, spool.csi.dev/pool-shared]
-`, name, name))
+    topologyKeys: [%s]
+`, name, info.GetNodeId(), strings.Join(keys, ", ")))
 	t.Cleanup(func() { kubectl(t, "delete", "csinode", name, "--ignore-not-found") })
 	return &node2{Client: c, pid: cmd.Process.Pid}
 }
