@@ -9,7 +9,8 @@
 # 5 and 8 run through the in-cluster driver.
 #
 # With --external (make e2e-external) it runs the Kubernetes external storage
-# e2e suite (e2e.test, in 4 parallel ginkgo processes) against each flavour,
+# e2e suite (e2e.test, in 4 parallel ginkgo processes) against each flavour
+# (single-node, local, then shared),
 # applied in the cluster as with --deploy, with
 # test/e2e/external/test-driver-<flavour>.yaml, and prints "N passed,
 # M failed, K skipped" per flavour.
@@ -62,7 +63,7 @@ rc=0
 if $EXTERNAL; then
   # Each flavour as shipped (deploy/<flavour>, applied unchanged in the
   # cluster, as make e2e-deploy does), with its own test-driver file.
-  for flavour in ${E2E_FLAVOURS:-single-node local}; do
+  for flavour in ${E2E_FLAVOURS:-single-node local shared}; do
     t1=$(date +%s)
     echo "e2e: external storage suite, deploy/$flavour"
     run_tests -test.run TestExternalStorageSuite -e2e.flavour "$flavour" \
