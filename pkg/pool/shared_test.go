@@ -258,20 +258,31 @@ func TestSharedPoolUpdateIsCompareAndSwap(t *testing.T) {
 func TestSharedPoolCreateRace(t *testing.T) {
 	dir, _ := initShared(t)
 	a, b := openShared(t, dir, false), openShared(t, dir, false)
+	raceCreates(t, dir, volumesDir, a, b, func(p *Pool, name string) (string, error) {
+		v, _, err := p.CreateVolume(context.Background(), req(name, 64*size.MiB))
+		return v.ID, err
+	})
+}
+
+// raceCreates makes each of 10 names from both controllers at once: both
+// must answer the same object, and sub must hold exactly 10 with nothing
+// half-built left in .tmp.
+func raceCreates(t *testing.T, dir, sub string, a, b *Pool, create func(p *Pool, name string) (id string, err error)) {
+	t.Helper()
 	for i := range 10 {
-		name := "pvc-race-" + string(rune('a'+i))
+		name := "race-" + string(rune('a'+i))
 		var wg sync.WaitGroup
 		ids := make([]string, 2)
 		for j, p := range []*Pool{a, b} {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				v, _, err := p.CreateVolume(context.Background(), req(name, 64*size.MiB))
+				id, err := create(p, name)
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				ids[j] = v.ID
+				ids[j] = id
 			}()
 		}
 		wg.Wait()
@@ -279,12 +290,12 @@ func TestSharedPoolCreateRace(t *testing.T) {
 			t.Fatalf("%s: the controllers answered %q and %q", name, ids[0], ids[1])
 		}
 	}
-	entries, err := os.ReadDir(filepath.Join(dir, volumesDir))
+	entries, err := os.ReadDir(filepath.Join(dir, sub))
 	if err != nil || len(entries) != 10 {
-		t.Fatalf("volumes on disk after 10 racing creates: %d (%v)", len(entries), err)
+		t.Fatalf("%s on disk after 10 racing creates: %d (%v)", sub, len(entries), err)
 	}
 	if left, _ := os.ReadDir(filepath.Join(dir, tmpDir)); len(left) != 0 {
-		t.Fatalf("%d half-built volumes left in .tmp", len(left))
+		t.Fatalf("%d half-built objects left in .tmp", len(left))
 	}
 }
 
@@ -421,32 +432,8 @@ func TestSharedPoolSnapshotCreateRace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 10 {
-		name := "snap-race-" + string(rune('a'+i))
-		var wg sync.WaitGroup
-		ids := make([]string, 2)
-		for j, p := range []*Pool{a, b} {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				s, _, err := p.CreateSnapshot(context.Background(), SnapshotRequest{Name: name, SourceToken: v.Token()})
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				ids[j] = s.ID
-			}()
-		}
-		wg.Wait()
-		if ids[0] == "" || ids[0] != ids[1] {
-			t.Fatalf("%s: the controllers answered %q and %q", name, ids[0], ids[1])
-		}
-	}
-	entries, err := os.ReadDir(filepath.Join(dir, snapshotsDir))
-	if err != nil || len(entries) != 10 {
-		t.Fatalf("snapshots on disk after 10 racing creates: %d (%v)", len(entries), err)
-	}
-	if left, _ := os.ReadDir(filepath.Join(dir, tmpDir)); len(left) != 0 {
-		t.Fatalf("%d half-built snapshots left in .tmp", len(left))
-	}
+	raceCreates(t, dir, snapshotsDir, a, b, func(p *Pool, name string) (string, error) {
+		s, _, err := p.CreateSnapshot(context.Background(), SnapshotRequest{Name: name, SourceToken: v.Token()})
+		return s.ID, err
+	})
 }
