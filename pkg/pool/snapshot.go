@@ -328,13 +328,14 @@ func (p *Pool) GetGroup(token string) (Group, error) {
 func (p *Pool) GetGroupByName(name string) (Group, bool) {
 	p.refreshSnapshots()
 	p.mu.Lock()
-	tok, ok := p.groupNames[name]
-	p.mu.Unlock()
+	defer p.mu.Unlock()
+	g, ok := p.groups[p.groupNames[name]]
 	if !ok {
 		return Group{}, false
 	}
-	g, err := p.GetGroup(tok)
-	return g, err == nil
+	c := *g
+	c.SnapshotIDs = slices.Clone(g.SnapshotIDs)
+	return c, true
 }
 
 // DeleteGroup removes a group snapshot and its member snapshots. The record
