@@ -27,6 +27,7 @@ var (
 	externalReport = flag.String("e2e.external-report", "", "directory for the suite's JUnit report and log")
 	knownFailures  = flag.String("e2e.known-failures", "external/known-environment-failures.txt", "failures this sandbox causes, one spec name pattern a line")
 	externalProcs  = flag.Int("e2e.external-procs", 4, "parallel ginkgo processes for the external storage suite")
+	externalFocus  = flag.String("e2e.external-focus", "", "run only the External.Storage specs whose names match this regular expression")
 )
 
 // TestExternalStorageSuite runs k8s.io/kubernetes/test/e2e/storage/external
@@ -87,7 +88,7 @@ func TestExternalStorageSuite(t *testing.T) {
 	// wait on pods and volumes, so a 2-core machine runs several at once.
 	args := []string{
 		"--procs=" + strconv.Itoa(*externalProcs),
-		"--focus=External.Storage",
+		"--focus=External.Storage" + focusAnd(*externalFocus),
 		"--skip=" + skip,
 		"--timeout=90m",
 		"--no-color",
@@ -113,6 +114,13 @@ func TestExternalStorageSuite(t *testing.T) {
 	cmd.Env = append(os.Environ(), "GO111MODULE=off")
 	runErr := cmd.Run()
 	wall := time.Since(t0)
+	// The driver's and sidecars' logs go with the report: the cluster, and
+	// /var/log/pods with it, is gone when the run ends.
+	if n, err := copyPodLogs("spool-system", filepath.Join(report, "pods")); err != nil {
+		t.Logf("copy spool-system pod logs: %v", err)
+	} else {
+		t.Logf("%d spool-system container logs copied to %s", n, filepath.Join(report, "pods"))
+	}
 
 	summary, err := suiteSummary(filepath.Join(report, "e2e.log"))
 	if err != nil {
@@ -150,6 +158,52 @@ func TestExternalStorageSuite(t *testing.T) {
 	if runErr != nil && len(unexpected) == 0 && summary.failed != len(failed) {
 		t.Errorf("e2e.test: %v, but the report lists %d failures and the summary %d", runErr, len(failed), summary.failed)
 	}
+}
+
+// copyPodLogs copies the container logs of namespace's pods, as kubelet
+// writes them under /var/log/pods/<namespace>_<pod>_<uid>/<container>/, to
+// dst/<pod>/<container>/. It returns how many files it copied.
+func copyPodLogs(namespace, dst string) (int, error) {
+	if err := os.RemoveAll(dst); err != nil {
+		return 0, err
+	}
+	pods, err := filepath.Glob(filepath.Join("/var/log/pods", namespace+"_*"))
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, pod := range pods {
+		name := strings.Split(filepath.Base(pod), "_")[1]
+		files, err := filepath.Glob(filepath.Join(pod, "*", "*.log"))
+		if err != nil {
+			return n, err
+		}
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				return n, err
+			}
+			out := filepath.Join(dst, name, filepath.Base(filepath.Dir(f)), filepath.Base(f))
+			if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+				return n, err
+			}
+			if err := os.WriteFile(out, b, 0o644); err != nil {
+				return n, err
+			}
+			n++
+		}
+	}
+	return n, nil
+}
+
+// focusAnd narrows ginkgo's focus: ginkgo ORs repeated --focus flags, so
+// the pattern follows External.Storage in one expression, as it does in
+// the specs' names.
+func focusAnd(re string) string {
+	if re == "" {
+		return ""
+	}
+	return ".*(" + re + ")"
 }
 
 // suiteCounts: total specs, selected by focus and skip, ran (the rest the
