@@ -345,7 +345,9 @@ func (p *Pool) DeleteGroup(token string) error {
 	if status.Code(err) == codes.NotFound {
 		return nil
 	}
-	if err := p.trash(p.groupDir(token), "group-"+token); err != nil && !(p.shared && errors.Is(err, os.ErrNotExist)) {
+	// Already gone: another controller of a shared pool deleted it (as
+	// removeSnapshot, on every pool).
+	if err := p.trash(p.groupDir(token), "group-"+token); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("deleting group snapshot %s: %w", g.ID, err)
 	}
 	p.mu.Lock()

@@ -6,11 +6,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 
 	"github.com/spool-csi/spool/test/e2e/cluster"
 )
@@ -39,11 +42,17 @@ func flavourPoolDir() string {
 }
 
 // makeShare initialises deploy/shared's pool, as an operator does once with
-// `spool pool init`. It refuses a share that is already there: that may be
-// a real one. The returned remove deletes what it made.
+// `spool pool init`. It refuses a share that is already there, or anything
+// mounted at its path: that may be a real one. The returned remove deletes
+// what it made.
 func makeShare(ctx context.Context) (func() error, error) {
 	if entries, err := os.ReadDir(sharedMount); err == nil && len(entries) > 0 {
 		return nil, fmt.Errorf("%s exists and is not empty: not touching what may be a real share", sharedMount)
+	}
+	if mounted, err := mountinfo.Mounted(sharedMount); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("is %s a mount point: %w", sharedMount, err)
+	} else if mounted {
+		return nil, fmt.Errorf("%s is a mount point: not touching what may be a real share", sharedMount)
 	}
 	if err := os.MkdirAll(sharedMount, 0o755); err != nil {
 		return nil, err

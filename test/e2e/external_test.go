@@ -28,6 +28,7 @@ var (
 	knownFailures  = flag.String("e2e.known-failures", "external/known-environment-failures.txt", "failures this sandbox causes, one spec name pattern a line")
 	externalProcs  = flag.Int("e2e.external-procs", 4, "parallel ginkgo processes for the external storage suite")
 	externalFocus  = flag.String("e2e.external-focus", "", "run only the External.Storage specs whose names match this regular expression")
+	withFeatures   = flag.Bool("e2e.external-features", false, "also run the [Feature:] specs of the features this cluster has (enabledFeatures)")
 )
 
 // TestExternalStorageSuite runs k8s.io/kubernetes/test/e2e/storage/external
@@ -76,7 +77,13 @@ func TestExternalStorageSuite(t *testing.T) {
 	}
 	defer logFile.Close()
 	c := env.c
-	skip := `Disruptive|Serial|Slow|\[Feature:`
+	// By default every [Feature:] spec is left out: the selection the
+	// reference driver was measured on. -e2e.external-features selects those
+	// of the features this cluster has instead.
+	skip, labels := `Disruptive|Serial|Slow|\[Feature:`, ""
+	if *withFeatures {
+		skip, labels = `Disruptive|Serial|Slow`, enabledFeatures
+	}
 	for _, e := range known {
 		if e.requires == "" || hostHas(e.requires) {
 			continue
@@ -90,6 +97,7 @@ func TestExternalStorageSuite(t *testing.T) {
 		"--procs=" + strconv.Itoa(*externalProcs),
 		"--focus=External.Storage" + focusAnd(*externalFocus),
 		"--skip=" + skip,
+		"--label-filter=" + labels, // empty: no filter
 		"--timeout=90m",
 		"--no-color",
 		c.Bin("e2e.test"), "--",
@@ -159,6 +167,17 @@ func TestExternalStorageSuite(t *testing.T) {
 		t.Errorf("e2e.test: %v, but the report lists %d failures and the summary %d", runErr, len(failed), summary.failed)
 	}
 }
+
+// enabledFeatures selects, of the specs tagged [Feature:X], those whose
+// features this cluster has: snapshots and group snapshots (the harness
+// installs the snapshot CRDs, group snapshot ones included, and runs the
+// snapshot-controller, whose group snapshot support is on by default in
+// v8), and VolumeAttributesClass (GA in Kubernetes 1.34; csi-provisioner
+// and csi-resizer act on it). Specs needing any other feature (Windows,
+// SELinux, SnapshotMetadata, ...) do not run. Whether a flavour supports a
+// feature is its test-driver file's business: the specs skip themselves
+// where it declares no group snapshot class or VolumeAttributesClass.
+const enabledFeatures = "Feature: isSubsetOf {VolumeSnapshotDataSource, volumegroupsnapshot, VolumeAttributesClass}"
 
 // copyPodLogs copies the container logs of namespace's pods, as kubelet
 // writes them under /var/log/pods/<namespace>_<pod>_<uid>/<container>/, to
@@ -377,7 +396,7 @@ func hostHas(capName string) bool {
 
 // importSuiteImages makes the images the storage tests use, under the names
 // test/utils/image/manifest.go gives them at v1.36.3: agnhost (the busybox
-// rootfs plus /agnhost), and nginx and glibc-dns-testing, for which the
+// rootfs plus /agnhost and its libraries), and nginx and glibc-dns-testing, for which the
 // busybox rootfs is enough in the storage tests.
 func importSuiteImages(ctx context.Context) error {
 	c := env.c
@@ -385,11 +404,12 @@ func importSuiteImages(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	bin, err := cluster.HostFile(c.Bin("agnhost"), "/agnhost", 0o755)
-	if err != nil {
+	// agnhost is built with cgo, as the cluster binaries are (so a cold
+	// build compiles their shared packages once): its libraries come along.
+	if err := agn.AddHostBinary(ctx, c.Bin("agnhost"), "/agnhost"); err != nil {
 		return err
 	}
-	agn.Files = append(agn.Files, bin, cluster.File{Path: "/agnhost-2", Symlink: "/agnhost"})
+	agn.Files = append(agn.Files, cluster.File{Path: "/agnhost-2", Symlink: "/agnhost"})
 	agn.Entrypoint = []string{"/agnhost"}
 	imgs := []*cluster.Image{agn}
 	for _, name := range []string{"registry.k8s.io/e2e-test-images/nginx:1.15-4", "registry.k8s.io/e2e-test-images/glibc-dns-testing:2.0.0"} {

@@ -67,11 +67,13 @@ type harness struct {
 	pool string
 	// poolFlag is the driver's --pool flag.
 	poolFlag string
-	sock     string
-	cmd      *exec.Cmd
-	dead     chan struct{}
-	c        *csiclient.Client
-	base     int64 // allocated bytes of the empty pool
+	// shared: the pool is a shared one (poolFlag ends in ",shared").
+	shared bool
+	sock   string
+	cmd    *exec.Cmd
+	dead   chan struct{}
+	c      *csiclient.Client
+	base   int64 // allocated bytes of the empty pool
 }
 
 // newHarness makes a pool (a shared one, made as an operator does with
@@ -80,7 +82,7 @@ func newHarness(t *testing.T, shared bool) *harness {
 	leakcheck.RequireRoot(t)
 	dir := t.TempDir()
 	leakcheck.Check(t, dir)
-	h := &harness{t: t, dir: dir, pool: filepath.Join(dir, "pool"), sock: filepath.Join(dir, "csi.sock")}
+	h := &harness{t: t, dir: dir, pool: filepath.Join(dir, "pool"), sock: filepath.Join(dir, "csi.sock"), shared: shared}
 	h.poolFlag = "default=" + h.pool
 	if shared {
 		if out, err := exec.Command(binary, "pool", "init", h.poolFlag).CombinedOutput(); err != nil {
@@ -494,7 +496,7 @@ func TestKillDuringNodeOperations(t *testing.T) { onEachPool(t, killDuringNodeOp
 func killDuringNodeOperations(t *testing.T, h *harness) {
 	data := []byte("written before the kill")
 	points := []string{"stage-attached", "stage-mounted", "publish-target-made", "nodeexpand-capacity-set", "unstage-unmounted", "snapshot-frozen"}
-	if strings.HasSuffix(h.poolFlag, ",shared") {
+	if h.shared {
 		// On a shared pool, NodeStage first marks the attachment staged
 		// on the share, under the volume's lock, then attaches: killed
 		// between the two, the restarted plugin must neither trip over the
