@@ -172,8 +172,8 @@ func TestExternalStorageSuite(t *testing.T) {
 // features this cluster has: snapshots and group snapshots (the harness
 // installs the snapshot CRDs, group snapshot ones included, and runs the
 // snapshot-controller, whose group snapshot support is on by default in
-// v8), and VolumeAttributesClass (GA in Kubernetes 1.34; csi-provisioner
-// and csi-resizer act on it). Specs needing any other feature (Windows,
+// v8), and VolumeAttributesClass (served by this Kubernetes and acted on
+// by csi-provisioner and csi-resizer). Specs needing any other feature (Windows,
 // SELinux, SnapshotMetadata, ...) do not run. Whether a flavour supports a
 // feature is its test-driver file's business: the specs skip themselves
 // where it declares no group snapshot class or VolumeAttributesClass.
@@ -396,8 +396,8 @@ func hostHas(capName string) bool {
 
 // importSuiteImages makes the images the storage tests use, under the names
 // test/utils/image/manifest.go gives them at v1.36.3: agnhost (the busybox
-// rootfs plus /agnhost and its libraries), and nginx and glibc-dns-testing, for which the
-// busybox rootfs is enough in the storage tests.
+// rootfs plus /agnhost and its libraries), and nginx and glibc-dns-testing,
+// for which the busybox rootfs is enough in the storage tests.
 func importSuiteImages(ctx context.Context) error {
 	c := env.c
 	agn, err := cluster.NewBusyboxImage("registry.k8s.io/e2e-test-images/agnhost:2.63.0", "/bin/busybox", []string{"pause"})
