@@ -33,13 +33,6 @@ for tool in containerd ctr runc iptables-save ip /usr/lib/cni/bridge /bin/busybo
   }
 done
 
-# The sidecar releases the manifests in deploy/ are written for. Pinned, so a
-# new release on the proxy does not trigger a 20-minute rebuild in CI.
-export CSI_PROVISIONER_VERSION=${CSI_PROVISIONER_VERSION:-v6.4.0}
-export CSI_ATTACHER_VERSION=${CSI_ATTACHER_VERSION:-v4.13.0}
-export CSI_RESIZER_VERSION=${CSI_RESIZER_VERSION:-v2.3.0}
-export CSI_SNAPSHOTTER_VERSION=${CSI_SNAPSHOTTER_VERSION:-v8.7.0}
-
 t0=$(date +%s)
 if $EXTERNAL; then hack/e2e-tools.sh --external; else hack/e2e-tools.sh; fi
 K8S_VERSION=$(cd test/e2e/tools && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' k8s.io/kubernetes)
