@@ -28,7 +28,7 @@ var (
 	knownFailures  = flag.String("e2e.known-failures", "external/known-environment-failures.txt", "failures this sandbox causes, one spec name pattern a line")
 	externalProcs  = flag.Int("e2e.external-procs", 4, "parallel ginkgo processes for the external storage suite")
 	externalFocus  = flag.String("e2e.external-focus", "", "run only the External.Storage specs whose names match this regular expression")
-	withFeatures   = flag.Bool("e2e.external-features", false, "also run the [Feature:] specs of the features this cluster has (enabledFeatures)")
+	withFeatures   = flag.Bool("e2e.external-features", true, "also run the [Feature:] specs of the features this cluster has (enabledFeatures); false: leave every [Feature:] spec out, the reference driver's selection")
 )
 
 // TestExternalStorageSuite runs k8s.io/kubernetes/test/e2e/storage/external
@@ -77,12 +77,13 @@ func TestExternalStorageSuite(t *testing.T) {
 	}
 	defer logFile.Close()
 	c := env.c
-	// By default every [Feature:] spec is left out: the selection the
-	// reference driver was measured on. -e2e.external-features selects those
-	// of the features this cluster has instead.
-	skip, labels := `Disruptive|Serial|Slow|\[Feature:`, ""
-	if *withFeatures {
-		skip, labels = `Disruptive|Serial|Slow`, enabledFeatures
+	// The [Feature:] specs run for the features this cluster has (by label:
+	// the label filter and a name regexp select the same specs).
+	// -e2e.external-features=false leaves every one out instead: the
+	// selection the reference driver was measured on.
+	skip, labels := `Disruptive|Serial|Slow`, enabledFeatures
+	if !*withFeatures {
+		skip, labels = `Disruptive|Serial|Slow|\[Feature:`, ""
 	}
 	for _, e := range known {
 		if e.requires == "" || hostHas(e.requires) {
