@@ -307,14 +307,10 @@ func junitResults(path string) (failed []string, skips map[string]int, err error
 
 // knownEntry is one line of the known environment failures: a spec name
 // pattern (substrings that appear in this order, joined by " && "), why it
-// fails here, and optionally the host capability it needs. An entry with a
-// requirement is skipped up front on hosts without it, rather than waited out
-// (online ext4 growth times out after ten minutes), and runs everywhere else.
-// knownEntry is one line of a known failures file: a spec name pattern
-// (substrings joined by " && "), the reason, and either the capability
-// whose absence makes it fail ([requires CAP_X]: skipped up front on hosts
-// without it) or [skip]: always skipped up front, for a spec that cannot
-// pass against the flavour and would only wait out its timeout.
+// fails here, and optionally when to skip it up front rather than wait out
+// its timeout: [requires CAP_X] on hosts without the capability (online
+// ext4 growth times out after ten minutes; it runs everywhere else), or
+// [skip] always, for a spec that cannot pass against the flavour.
 type knownEntry struct {
 	pattern, reason, requires string
 	skip                      bool
