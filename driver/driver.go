@@ -154,10 +154,19 @@ type Driver struct {
 }
 
 // New opens the pools and builds the driver. kernel may be zero in
-// controller mode.
+// controller mode, and is not used there.
 func New(opts Options, kernel Kernel) (*Driver, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
+	}
+	if !opts.serves(ModeNode) {
+		// A controller-only process works on pool files alone. Its volumes'
+		// filesystems are mounted by node plugins, in other mount namespaces
+		// and usually on other nodes, and its container may open no loop
+		// device (deploy/shared runs it unprivileged, and /dev/loopN there
+		// cannot be created): it neither freezes a volume before a snapshot
+		// nor looks for a loop device before a delete.
+		kernel = Kernel{}
 	}
 	return build(opts, kernel)
 }

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
 )
 
@@ -404,5 +406,50 @@ func TestSharedControllerExpansion(t *testing.T) {
 	v, err := c.nodes["node-a"].pools["nfs"].Get(id[len("nfs::"):])
 	if err != nil || v.CapacityBytes != 128<<20 {
 		t.Fatalf("node-a reads %d bytes, %v", v.CapacityBytes, err)
+	}
+}
+
+// deniedLoops is a kernel whose loop devices cannot be opened, as in the
+// unprivileged container deploy/shared runs its controllers in.
+type deniedLoops struct{ *fakeKernel }
+
+var errDenied = errors.New("open /dev/loop0: mknod /dev/loop0: operation not permitted")
+
+func (deniedLoops) Find(string) (*loop.Device, error) { return nil, errDenied }
+func (deniedLoops) List() ([]loop.Device, error)      { return nil, errDenied }
+
+// A controller-only process leaves the kernel alone: a snapshot of a shared
+// volume staged elsewhere, and its deletion, never look for a loop device
+// (they failed with Internal in deploy/shared, where the controller's
+// container could not open the node's loop devices it saw in sysfs).
+func TestControllerModeLeavesKernelAlone(t *testing.T) {
+	c := newSharedCluster(t)
+	id := c.create(t, "pvc-busy", mountCap("ext4"))
+	k := newFakeKernel()
+	ctrl, err := New(Options{
+		Endpoint: "unix:///tmp/unused.sock", NodeID: "controller-2", Version: "test", Mode: ModeController,
+		Pools: []pool.Spec{{Name: "nfs", Dir: c.dir, Shared: true}},
+	}, Kernel{Loops: deniedLoops{k}, Mounter: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ctrl.Close)
+	ctx := context.Background()
+	s, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-1", SourceVolumeId: id})
+	if err != nil {
+		t.Fatalf("CreateSnapshot: %v", err)
+	}
+	if !s.GetSnapshot().GetReadyToUse() {
+		t.Errorf("snapshot not ready: %v", s.GetSnapshot())
+	}
+	if _, err := ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s.GetSnapshot().GetSnapshotId()}); err != nil {
+		t.Fatalf("DeleteSnapshot: %v", err)
+	}
+	if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatalf("DeleteVolume: %v", err)
+	}
+	entries, err := os.ReadDir(filepath.Join(c.dir, "volumes"))
+	if err != nil || len(entries) != 0 {
+		t.Errorf("volumes left in the pool: %v %v", entries, err)
 	}
 }
