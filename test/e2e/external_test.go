@@ -26,7 +26,7 @@ var (
 	externalDriver = flag.String("e2e.external", "", "run the Kubernetes external storage e2e suite with this test-driver.yaml")
 	externalReport = flag.String("e2e.external-report", "", "directory for the suite's JUnit report and log")
 	knownFailures  = flag.String("e2e.known-failures", "external/known-environment-failures.txt", "failures this sandbox causes, one spec name pattern a line")
-	externalProcs  = flag.Int("e2e.external-procs", 4, "parallel ginkgo processes for the external storage suite")
+	externalProcs  = flag.Int("e2e.external-procs", 8, "parallel ginkgo processes for the external storage suite")
 	externalFocus  = flag.String("e2e.external-focus", "", "run only the External.Storage specs whose names match this regular expression")
 	withFeatures   = flag.Bool("e2e.external-features", true, "also run the [Feature:] specs of the features this cluster has (enabledFeatures); false: leave every [Feature:] spec out, the reference driver's selection")
 )

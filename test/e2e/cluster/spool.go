@@ -97,7 +97,8 @@ func (c *Cluster) StartSpool(ctx context.Context, cfg SpoolConfig) (s *Spool, er
 	sidecars := []sidecar{
 		{name: "csi-provisioner", serviceAccount: "spool-csi-provisioner",
 			args: []string{"--node-deployment", "--enable-capacity", "--capacity-ownerref-level=-1",
-				"--capacity-poll-interval=5s", "--extra-create-metadata", "--leader-election=false",
+				"--capacity-poll-interval=5s", "--kube-api-capacity-qps=20", "--kube-api-capacity-burst=40",
+				"--extra-create-metadata", "--leader-election=false",
 				"--node-deployment-base-delay=1s"},
 			env: []string{"NODE_NAME=" + c.NodeName, "NAMESPACE=" + cfg.Namespace}},
 		{name: "csi-attacher", serviceAccount: "spool-csi-attacher", args: leader},
