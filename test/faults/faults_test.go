@@ -7,6 +7,7 @@
 package faults
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -18,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -124,6 +126,9 @@ func (h *harness) start(point string) {
 	cmd := exec.Command(binary, "--endpoint", "unix://"+h.sock, "--node-id", node, "--pool", h.poolFlag, "-v", "2")
 	cmd.Env = append(os.Environ(), "SPOOL_FAULT_POINT="+point)
 	cmd.Stdout, cmd.Stderr = log, log
+	// A group of its own, so that kill ends the children it runs (mount,
+	// mkfs) with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		h.t.Fatal(err)
 	}
@@ -178,12 +183,46 @@ func forceCleanup(t *testing.T, dir string) {
 	t.Logf("cleaned up after the failure; the driver's log was %s", filepath.Join(dir, "spool.log"))
 }
 
-// kill sends SIGKILL (a no-op when the driver already killed itself).
+// kill sends SIGKILL to the driver and the processes it started (the
+// driver may already have killed itself), and waits until none of them
+// runs, as a container runtime or systemd does before a restart. A mount(8)
+// left running could otherwise finish after the restarted driver read the
+// mount table, and leave a bind of a loop device it had just detached.
 func (h *harness) kill() {
-	_ = h.cmd.Process.Signal(syscall.SIGKILL)
+	pgid := h.cmd.Process.Pid
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
 	<-h.dead
+	deadline := time.Now().Add(10 * time.Second)
+	for groupRuns(pgid) {
+		if time.Now().After(deadline) {
+			h.t.Fatalf("processes of the driver's group %d still run 10s after SIGKILL", pgid)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	_ = h.c.Close()
 	kills.Add(1)
+}
+
+// groupRuns reports whether a process of group pgid runs (zombies aside:
+// they wait for a parent that may never reap them).
+func groupRuns(pgid int) bool {
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // exited meanwhile
+		}
+		// "pid (comm) state ppid pgrp ...": comm may hold spaces and ')'.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		fields := strings.Fields(string(b[i+1:]))
+		if len(fields) >= 3 && fields[0] != "Z" && fields[2] == strconv.Itoa(pgid) {
+			return true
+		}
+	}
+	return false
 }
 
 // stop ends the driver gracefully.
@@ -195,7 +234,7 @@ func (h *harness) stop() {
 	select {
 	case <-h.dead:
 	case <-time.After(10 * time.Second):
-		_ = h.cmd.Process.Signal(syscall.SIGKILL)
+		_ = syscall.Kill(-h.cmd.Process.Pid, syscall.SIGKILL)
 		<-h.dead
 	}
 	_ = h.c.Close()
