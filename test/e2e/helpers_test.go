@@ -64,48 +64,34 @@ func namespace(t *testing.T) string {
 		// deleted afterwards. Wait for that, so that the next test starts
 		// on a pool that holds only its own volumes (the capacity test
 		// counts bytes) and a failed DeleteVolume fails this test.
-		if err := waitVolumesDeleted(ns, waitTimeout); err != nil {
-			t.Error(err)
-		}
+		eventually(t, "volumes of namespace "+ns+" deleted", waitTimeout, func() error { return volumesLeft(ns) })
 	})
 	return ns
 }
 
-// waitVolumesDeleted waits until no PersistentVolume and no
-// VolumeSnapshotContent with a Delete policy is left of the claims and
-// snapshots of namespace ns.
-func waitVolumesDeleted(ns string, timeout time.Duration) error {
-	queries := [][]string{
+// volumesLeft reports the PersistentVolumes and VolumeSnapshotContents
+// with a Delete policy that are left of the claims and snapshots of
+// namespace ns.
+func volumesLeft(ns string) error {
+	var left []string
+	for _, q := range [][2]string{
 		{"pv", `{range .items[?(@.spec.claimRef.namespace=="` + ns + `")]}{.metadata.name} {.spec.persistentVolumeReclaimPolicy}{"\n"}{end}`},
 		{"volumesnapshotcontents", `{range .items[?(@.spec.volumeSnapshotRef.namespace=="` + ns + `")]}{.metadata.name} {.spec.deletionPolicy}{"\n"}{end}`},
+	} {
+		out, err := env.c.Kubectl(context.Background(), "get", q[0], "-o", "jsonpath="+q[1])
+		if err != nil {
+			return err
+		}
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			if f := strings.Fields(l); len(f) == 2 && f[1] == "Delete" {
+				left = append(left, q[0]+"/"+f[0])
+			}
+		}
 	}
-	deadline := time.Now().Add(timeout)
-	for {
-		var left []string
-		var err error
-		for _, q := range queries {
-			out, qerr := env.c.Kubectl(context.Background(), "get", q[0], "-o", "jsonpath="+q[1])
-			if qerr != nil {
-				err = qerr
-				continue
-			}
-			for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
-				if f := strings.Fields(l); len(f) == 2 && f[1] == "Delete" {
-					left = append(left, q[0]+"/"+f[0])
-				}
-			}
-		}
-		if err == nil && len(left) == 0 {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			if err != nil {
-				return fmt.Errorf("volumes of namespace %s: %w", ns, err)
-			}
-			return fmt.Errorf("volumes of namespace %s not deleted after %s: %s", ns, timeout, strings.Join(left, ", "))
-		}
-		time.Sleep(500 * time.Millisecond)
+	if len(left) > 0 {
+		return fmt.Errorf("not deleted yet: %s", strings.Join(left, ", "))
 	}
+	return nil
 }
 
 func dumpNamespace(t *testing.T, ns string) {
