@@ -9,19 +9,34 @@
 # 5 and 8 run through the in-cluster driver.
 #
 # With --external (make e2e-external) it runs the Kubernetes external storage
-# e2e suite (e2e.test, in 4 parallel ginkgo processes) against each flavour
+# e2e suite (e2e.test, in 8 parallel ginkgo processes) against each flavour
 # (single-node, local, then shared),
 # applied in the cluster as with --deploy, with
 # test/e2e/external/test-driver-<flavour>.yaml, and prints "N passed,
 # M failed, K skipped" per flavour.
 #
+# With --flavours (make e2e-flavours, what .ci/run uses) it does both in one
+# cluster per flavour: the flavour is applied once, the deploy scenarios run
+# beside the external suite, and the nothing-left and node-clean checks run
+# when both are done, before the flavour is deleted.
+#
+# Independent scenarios run concurrently (go test -parallel, E2E_PARALLEL,
+# default 8); the ones that count pool bytes or restart the driver run
+# alone, first (test/e2e/README.md).
+#
 # Extra arguments go to the test binary, e.g.
 #   hack/e2e.sh -test.run TestAttach
-# E2E_FLAVOURS="local" limits --deploy and --external to those flavours.
+# E2E_FLAVOURS="local" limits --deploy, --external and --flavours to those
+# flavours.
 set -euo pipefail
 DEPLOY=false EXTERNAL=false
-if [ "${1:-}" = --deploy ]; then DEPLOY=true; shift; fi
-if [ "${1:-}" = --external ]; then EXTERNAL=true; shift; fi
+case "${1:-}" in
+  --deploy) DEPLOY=true; shift ;;
+  --external) EXTERNAL=true; shift ;;
+  --flavours) DEPLOY=true; EXTERNAL=true; shift ;;
+esac
+# The scenarios make e2e-deploy runs through each flavour.
+DEPLOY_TESTS='TestDynamicProvisioningImmediate|TestPreProvisionedVolume|TestAttach|TestRawBlock|TestSnapshotRestoreClone'
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
@@ -45,7 +60,7 @@ echo "e2e: tools ready in $(( $(date +%s) - t0 ))s"
 run_tests() {
   local rc
   set +e
-  go test -tags e2e -count=1 -timeout 120m -v ./test/e2e -args -e2e.logs "$REPO/_output/e2e-logs" "$@" 2>&1 |
+  go test -tags e2e -count=1 -parallel "${E2E_PARALLEL:-8}" -timeout 120m -v ./test/e2e -args -e2e.logs "$REPO/_output/e2e-logs" "$@" 2>&1 |
     grep -vE '^=== (RUN|PAUSE|CONT)'
   rc=${PIPESTATUS[0]}
   set -e
@@ -55,21 +70,23 @@ run_tests() {
 rc=0
 if $EXTERNAL; then
   # Each flavour as shipped (deploy/<flavour>, applied unchanged in the
-  # cluster, as make e2e-deploy does), with its own test-driver file.
+  # cluster, as make e2e-deploy does), with its own test-driver file; with
+  # --flavours the deploy scenarios run in the same cluster.
+  tests=TestExternalStorageSuite what="external storage suite"
+  if $DEPLOY; then tests="$DEPLOY_TESTS|$tests" what="deploy scenarios and external storage suite"; fi
   for flavour in ${E2E_FLAVOURS:-single-node local shared}; do
     t1=$(date +%s)
-    echo "e2e: external storage suite, deploy/$flavour"
-    run_tests -test.run TestExternalStorageSuite -e2e.flavour "$flavour" \
+    echo "e2e: $what, deploy/$flavour"
+    run_tests -test.run "$tests" -e2e.flavour "$flavour" \
       -e2e.external "external/test-driver-$flavour.yaml" \
       -e2e.external-report "$REPO/_output/e2e-external/$flavour" "$@" || rc=$?
-    echo "e2e: external storage suite, deploy/$flavour, finished in $(( $(date +%s) - t1 ))s"
+    echo "e2e: $what, deploy/$flavour, finished in $(( $(date +%s) - t1 ))s"
   done
 elif $DEPLOY; then
   for flavour in ${E2E_FLAVOURS:-single-node local shared}; do
     t1=$(date +%s)
     echo "e2e: deploy/$flavour"
-    run_tests -e2e.flavour "$flavour" \
-      -test.run 'TestDynamicProvisioningImmediate|TestPreProvisionedVolume|TestAttach|TestRawBlock|TestSnapshotRestoreClone' "$@" || rc=$?
+    run_tests -e2e.flavour "$flavour" -test.run "$DEPLOY_TESTS" "$@" || rc=$?
     echo "e2e: deploy/$flavour finished in $(( $(date +%s) - t1 ))s"
     [ "$rc" = 0 ] || break
   done

@@ -32,13 +32,17 @@ var (
 )
 
 // TestExternalStorageSuite runs k8s.io/kubernetes/test/e2e/storage/external
-// (e2e.test, built by hack/e2e-tools.sh --external) against the running
+// (e2e-storage.test, built by hack/e2e-tools.sh --external from
+// test/e2e/tools/e2estorage) against the running
 // driver, counts passed, failed and skipped specs, and fails on any failure
 // that is not a known limit of this sandbox.
 func TestExternalStorageSuite(t *testing.T) {
 	if *externalDriver == "" {
 		t.Skip("-e2e.external not given (make e2e-external)")
 	}
+	// Every spec has a namespace of its own, and so do the deploy
+	// scenarios that run beside it in make e2e-flavours.
+	independent(t)
 	// The suite runs for tens of minutes: longer than ctxFor allows.
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Minute)
 	defer cancel()
@@ -105,7 +109,7 @@ func TestExternalStorageSuite(t *testing.T) {
 		"--label-filter=" + labels, // empty: no filter
 		"--timeout=90m",
 		"--no-color",
-		c.Bin("e2e.test"), "--",
+		c.Bin("e2e-storage.test"), "--",
 		"-kubeconfig=" + c.Kubeconfig,
 		"-provider=skeleton",
 		"-kubectl-path=" + c.Bin("kubectl"),

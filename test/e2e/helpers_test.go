@@ -44,6 +44,18 @@ func apply(t *testing.T, manifest string) {
 	}
 }
 
+// independent marks a scenario that neither counts the pool's bytes nor
+// restarts the driver, and whose objects are all in its own namespace or
+// named after it. Such scenarios run concurrently (go test's -parallel, set
+// by hack/e2e.sh), after the serial ones (TestCapacityTracking,
+// TestDriverRestart) have finished: go test starts the parallel tests of a
+// package only when its sequential tests are done, so a serial scenario
+// always has the cluster to itself. The scenarios mostly wait on pods and
+// attaches, not on the CPU.
+func independent(t *testing.T) {
+	t.Parallel()
+}
+
 // namespace makes a namespace for one test. At the end it is deleted with
 // everything in it, and the test fails if its volumes leave anything behind.
 func namespace(t *testing.T) string {

@@ -16,6 +16,7 @@ import (
 // attached=true, the driver's attach record in the pool names the node, and
 // deleting the pod detaches both.
 func TestAttach(t *testing.T) {
+	independent(t)
 	ns := namespace(t)
 	apply(t, pvc(ns, pvcSpec{name: "data", class: "spool-ext4", size: "64Mi"}))
 	apply(t, pod(ns, "holder", "data", "touch /data/ok; sleep 3600", false, false))

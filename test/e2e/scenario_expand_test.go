@@ -16,7 +16,9 @@ import (
 // sees it. (Online ext4 growth needs CAP_SYS_RESOURCE, which this VM's root
 // lacks; see docs/volumes.md.)
 func TestExpansion(t *testing.T) {
+	independent(t)
 	t.Run("online xfs", func(t *testing.T) {
+		independent(t)
 		ns := namespace(t)
 		apply(t, pvc(ns, pvcSpec{name: "data", class: "spool-xfs", size: "300Mi"}))
 		apply(t, pod(ns, "watcher", "data",
@@ -43,6 +45,7 @@ func TestExpansion(t *testing.T) {
 	})
 
 	t.Run("offline ext4", func(t *testing.T) {
+		independent(t)
 		ns := namespace(t)
 		apply(t, pvc(ns, pvcSpec{name: "data", class: "spool-ext4", size: "64Mi"}))
 		sum := checksum(t, runPod(t, ns, "writer", "data", writeScript("/data/file", 4), false, false))

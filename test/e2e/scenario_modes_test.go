@@ -10,6 +10,7 @@ import (
 
 // Scenario 5: a raw block claim used by a pod as a device.
 func TestRawBlock(t *testing.T) {
+	independent(t)
 	ns := namespace(t)
 	apply(t, pvc(ns, pvcSpec{name: "dev", class: "spool-block", size: "64Mi", mode: "Block"}))
 	out := runPod(t, ns, "writer", "dev",
@@ -28,11 +29,13 @@ func TestRawBlock(t *testing.T) {
 
 // Scenario 6: xfs and btrfs classes, mount options and read-only mounts.
 func TestFilesystemsAndMountOptions(t *testing.T) {
+	independent(t)
 	for _, tc := range []struct{ fs, class, size string }{
 		{"xfs", "spool-xfs", "300Mi"},
 		{"btrfs", "spool-btrfs", "256Mi"},
 	} {
 		t.Run(tc.fs, func(t *testing.T) {
+			independent(t)
 			ns := namespace(t)
 			apply(t, pvc(ns, pvcSpec{name: "data", class: tc.class, size: tc.size}))
 			out := runPod(t, ns, "writer", "data", "grep ' /data ' /proc/mounts; "+writeScript("/data/file", 4), false, false)
@@ -51,6 +54,7 @@ func TestFilesystemsAndMountOptions(t *testing.T) {
 		})
 	}
 	t.Run("mount options", func(t *testing.T) {
+		independent(t)
 		ns := namespace(t)
 		class := "spool-e2e-opts-" + ns
 		storageClass(t, class, "WaitForFirstConsumer", "noatime", "nodiratime")

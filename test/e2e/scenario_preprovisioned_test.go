@@ -15,6 +15,7 @@ import (
 // the pool), applies the PV it prints and a claim bound to it; a pod mounts
 // it. With the Retain policy the image outlives the claim.
 func TestPreProvisionedVolume(t *testing.T) {
+	independent(t)
 	ns := namespace(t)
 	pvName := "pre-" + ns
 	spool := func(args ...string) string {

@@ -13,6 +13,7 @@ import (
 // handle, capacity and node affinity; data written by one pod is read back
 // by the next.
 func TestDynamicProvisioningImmediate(t *testing.T) {
+	independent(t)
 	ns := namespace(t)
 	class := "spool-e2e-immediate-" + ns
 	storageClass(t, class, "Immediate")

@@ -30,6 +30,7 @@ import (
 // it makes itself. The real csi-attacher attaches and detaches; the writes
 // and reads happen in pods on the real node and in vm-2's namespace.
 func TestSharedPoolMove(t *testing.T) {
+	independent(t)
 	if *flavour != "" {
 		t.Skip("needs Spool as a host process (make e2e), not deploy/" + *flavour)
 	}

@@ -10,6 +10,7 @@ import (
 // Scenario 8: a VolumeSnapshot through the snapshotter, a claim restored from
 // it and a claim cloned from a claim, checked byte for byte.
 func TestSnapshotRestoreClone(t *testing.T) {
+	independent(t)
 	ns := namespace(t)
 	apply(t, pvc(ns, pvcSpec{name: "src", class: "spool-ext4", size: "64Mi"}))
 	sum := checksum(t, runPod(t, ns, "writer", "src", writeScript("/data/file", 8), false, false))
