@@ -4,13 +4,16 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0.0-dev)
 LDFLAGS := -X github.com/spool-csi/spool/pkg/version.Version=$(VERSION)
 CACHE ?= $(CURDIR)/.cache
-CSI_TEST_VERSION := v5.6.0
+# csi-sanity comes from the csi-test module Spool's go.mod already requires
+# (sanity/ runs its library in-process): one version, one module graph.
+CSI_TEST_MODULE := github.com/kubernetes-csi/csi-test/v5
+CSI_TEST_VERSION := $(shell $(GO) list -m -f '{{.Version}}' $(CSI_TEST_MODULE) 2>/dev/null)
 CSI_SANITY := $(CACHE)/tools/csi-sanity-$(CSI_TEST_VERSION)
 STATICCHECK_VERSION := v0.8.2
 IMAGE ?= ghcr.io/spool-csi/spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-external e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-external e2e-flavours e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -30,9 +33,10 @@ test-unit: ## only the tests that need no root
 	$(GO) test -count=1 ./pkg/... ./driver/...
 
 $(CSI_SANITY):
+	@[ -n "$(CSI_TEST_VERSION)" ] || { echo "cannot read the version of $(CSI_TEST_MODULE) from go.mod" >&2; exit 1; }
 	@mkdir -p $(dir $@)
-	GOBIN=$(CACHE)/tools/gobin-$(CSI_TEST_VERSION) $(GO) install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_TEST_VERSION)
-	mv $(CACHE)/tools/gobin-$(CSI_TEST_VERSION)/csi-sanity $@
+	$(GO) build -trimpath -ldflags "-X main.VERSION=$(CSI_TEST_VERSION)" -o $@.tmp $(CSI_TEST_MODULE)/cmd/csi-sanity
+	mv $@.tmp $@
 
 sanity: build $(CSI_SANITY) ## the csi-sanity binary against bin/spool
 	CSI_SANITY=$(CSI_SANITY) hack/sanity.sh
@@ -48,6 +52,9 @@ e2e-deploy: build ## deploy/single-node, deploy/local and deploy/shared as pods 
 
 e2e-external: build ## the Kubernetes external storage e2e suite against Spool (root; builds e2e.test once)
 	hack/e2e.sh --external
+
+e2e-flavours: build ## e2e-deploy and e2e-external together, one cluster per flavour (root; what .ci/run runs)
+	hack/e2e.sh --flavours
 
 run: build ## start the driver on a temp pool, walk one volume through its life, keep serving
 	hack/run.sh
