@@ -115,7 +115,7 @@ func checkCapability(c *csi.VolumeCapability) error {
 		if fsType != "" && !fs.Supported(fsType) {
 			return invalidf("fsType %q is not supported (supported: %s)", fsType, strings.Join(fs.SupportedTypes(), ", "))
 		}
-		if err := fs.ValidateMountOptions(t.Mount.GetMountFlags()); err != nil {
+		if err := fs.ValidateMountOptions(fsType, t.Mount.GetMountFlags()); err != nil {
 			return invalidf("%v", err)
 		}
 	default:

@@ -67,33 +67,6 @@ func NoReplayOptions(fsType string) []string {
 // MinSize is the smallest volume mkfs accepts for fsType (0 if unknown).
 func MinSize(fsType string) int64 { return minSize[fsType] }
 
-// Mount options that would turn a filesystem mount into another operation
-// (or reach outside the volume); the CO never needs them.
-var forbiddenOptions = map[string]bool{
-	"bind": true, "rbind": true, "remount": true, "move": true,
-	"make-shared": true, "make-slave": true, "make-private": true, "make-unbindable": true,
-	"make-rshared": true, "make-rslave": true, "make-rprivate": true, "make-runbindable": true,
-	"loop": true, "X-mount.mkdir": true,
-}
-
-// ValidateMountOptions rejects options that are malformed (a comma would
-// smuggle extra options into mount -o) or that change what mount does.
-func ValidateMountOptions(opts []string) error {
-	for _, o := range opts {
-		if o == "" || len(o) > 256 {
-			return fmt.Errorf("invalid mount option %q", o)
-		}
-		if strings.ContainsAny(o, ", \t\n\r\x00\\\"'") {
-			return fmt.Errorf("invalid mount option %q: it must be a single option without commas, spaces or quotes", o)
-		}
-		name, _, _ := strings.Cut(o, "=")
-		if forbiddenOptions[name] || strings.HasPrefix(name, "X-") || strings.HasPrefix(name, "x-") {
-			return fmt.Errorf("mount option %q is not allowed", o)
-		}
-	}
-	return nil
-}
-
 // MountInfo is one entry of the mount table, with the kernel's octal
 // escapes (\040 for a space, ...) undone.
 type MountInfo struct {

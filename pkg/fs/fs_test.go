@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -12,12 +13,47 @@ import (
 )
 
 func TestValidateMountOptions(t *testing.T) {
-	if err := ValidateMountOptions([]string{"noatime", "discard", "data=ordered", "commit=30"}); err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		fsType string
+		opts   []string
+	}{
+		{"ext4", []string{"noatime", "nodiratime", "ro", "discard", "data=ordered", "commit=30", "barrier", "barrier=0", "errors=remount-ro", "nosuid", "nodev"}},
+		{"xfs", []string{"noatime", "logbsize=256k", "allocsize=64m", "inode64", "norecovery", "nouuid"}},
+		{"btrfs", []string{"compress", "compress=zstd:3", "discard=async", "space_cache=v2", "nodatacow", "rescue=nologreplay"}},
+		// The request does not say: any supported filesystem's option.
+		{"", []string{"noatime", "data=journal", "logbsize=32k", "compress=lzo"}},
+		// The kubelet's SELinux mount option, quoted when it holds a comma.
+		{"ext4", []string{`context="system_u:object_r:container_file_t:s0:c98,c99"`, "context=system_u:object_r:container_file_t:s0"}},
+	} {
+		if err := ValidateMountOptions(tc.fsType, tc.opts); err != nil {
+			t.Errorf("ValidateMountOptions(%q, %q): %v", tc.fsType, tc.opts, err)
+		}
 	}
-	for _, bad := range []string{"", "ro,bind", "bind", "rbind", "remount", "move", "make-shared", "x-systemd.requires=a", "X-mount.mkdir", "a b", "a\x00", `a"b`, "loop"} {
-		if err := ValidateMountOptions([]string{bad}); err == nil {
-			t.Errorf("ValidateMountOptions(%q) succeeded", bad)
+	for _, tc := range []struct{ fsType, opt string }{
+		// Malformed: smuggling more options into mount -o.
+		{"", ""}, {"ext4", "ro,bind"}, {"ext4", "a b"}, {"ext4", "a\x00"}, {"ext4", `a"b`}, {"ext4", "noatime\n"},
+		// Another operation than mounting this filesystem.
+		{"ext4", "bind"}, {"ext4", "rbind"}, {"ext4", "remount"}, {"ext4", "move"}, {"ext4", "make-shared"},
+		{"ext4", "x-systemd.requires=a"}, {"ext4", "X-mount.mkdir"}, {"ext4", "loop"}, {"", "loop=/dev/loop9"},
+		// Naming a path or a device, or a helper for mount(8) to run.
+		{"xfs", "logdev=/dev/sda"}, {"xfs", "rtdev=/dev/sda"}, {"ext4", "journal_path=/dev/sda"},
+		{"ext4", "journal_dev=2049"}, {"btrfs", "device=/dev/sda"}, {"", "offset=4096"}, {"", "sizelimit=1"},
+		{"", "uhelper=udisks2"}, {"", "helper=x"}, {"ext4", "usrjquota=aquota.user"},
+		// Taking the node down, or host devices and setuid programs.
+		{"ext4", "errors=panic"}, {"btrfs", "fatal_errors=panic"}, {"ext4", "suid"}, {"ext4", "dev"}, {"ext4", "defaults"},
+		// SELinux options other than the kubelet's context=, and bad contexts.
+		{"ext4", "fscontext=system_u:object_r:container_file_t:s0"}, {"ext4", "defcontext=system_u:object_r:container_file_t:s0"},
+		{"ext4", "rootcontext=system_u:object_r:container_file_t:s0"}, {"ext4", "context=system_u:object_r:x:s0:c1,c2"},
+		{"ext4", `context="system_u:object_r:x:s0`}, {"ext4", `context="a:b"`}, {"ext4", "context="},
+		// Another filesystem's option, bad values.
+		{"ext4", "logbsize=32k"}, {"xfs", "data=ordered"}, {"ext4", "commit=x"}, {"ext4", "data=bogus"},
+		{"xfs", "logbsize=1t"}, {"ext4", "noatime=1"}, {"btrfs", "compress=zstd:99"},
+	} {
+		err := ValidateMountOptions(tc.fsType, []string{tc.opt})
+		if err == nil {
+			t.Errorf("ValidateMountOptions(%q, %q) succeeded", tc.fsType, tc.opt)
+		} else if tc.opt != "" && !strings.Contains(err.Error(), strconv.Quote(tc.opt)) {
+			t.Errorf("ValidateMountOptions(%q, %q): the error does not name the option: %v", tc.fsType, tc.opt, err)
 		}
 	}
 }
@@ -87,19 +123,34 @@ func TestMakeDirAndFileRefuseSymlinks(t *testing.T) {
 }
 
 func FuzzValidateMountOptions(f *testing.F) {
-	for _, s := range []string{"noatime", "ro,bind", "data=journal", "x-mount.mkdir", "remount", "a b"} {
-		f.Add(s)
+	for _, s := range []string{"noatime", "ro,bind", "data=journal", "x-mount.mkdir", "remount", "a b",
+		"logbsize=32k", `context="system_u:object_r:t:s0:c1,c2"`, "compress=zstd:3", "errors=panic"} {
+		f.Add("ext4", s)
+		f.Add("", s)
 	}
-	f.Fuzz(func(t *testing.T, opt string) {
-		if ValidateMountOptions([]string{opt}) != nil {
+	f.Fuzz(func(t *testing.T, fsType, opt string) {
+		if ValidateMountOptions(fsType, []string{opt}) != nil {
 			return
 		}
-		if strings.ContainsAny(opt, ", \t\n\x00\"'\\") || opt == "" {
-			t.Fatalf("accepted option %q that could smuggle more options", opt)
+		name, value, _ := strings.Cut(opt, "=")
+		if name == "context" {
+			if strings.ContainsAny(strings.Trim(value, `"`), ` '"\/=`) || strings.Count(value, `"`)%2 != 0 {
+				t.Fatalf("accepted context option %q that could smuggle more options", opt)
+			}
+			return
 		}
-		name, _, _ := strings.Cut(opt, "=")
-		if forbiddenOptions[name] {
-			t.Fatalf("accepted forbidden option %q", opt)
+		if strings.ContainsAny(opt, ", \t\n\x00\"'\\/") || opt == "" {
+			t.Fatalf("accepted option %q that could smuggle more options or name a path", opt)
+		}
+		_, generic := genericOptions[name]
+		known := generic
+		for _, m := range fsOptions {
+			if _, ok := m[name]; ok {
+				known = true
+			}
+		}
+		if !known {
+			t.Fatalf("accepted option %q that is on no allowlist", opt)
 		}
 	})
 }

@@ -176,7 +176,9 @@ func TestHostileInput(t *testing.T) {
 		_, err := e.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "hostile-params", VolumeCapabilities: []*csi.VolumeCapability{mc}, Parameters: prm})
 		check("CreateVolume parameters", prm[""], err, false)
 	}
-	for _, flags := range [][]string{{"ro,bind"}, {"remount"}, {"x-mount.mkdir=/tmp/x"}, {"defaults\x00"}} {
+	for _, flags := range [][]string{{"ro,bind"}, {"remount"}, {"x-mount.mkdir=/tmp/x"}, {"defaults\x00"},
+		{"journal_path=" + sentinel}, {"journal_dev=2049"}, {"logdev=/dev/loop0"}, {"device=/dev/loop0"},
+		{"offset=0"}, {"uhelper=x"}, {"errors=panic"}, {"suid"}, {"dev"}, {"defaults"}, {"fscontext=system_u:object_r:t:s0"}} {
 		_, err := e.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "hostile-flags", VolumeCapabilities: []*csi.VolumeCapability{csiclient.MountCap("ext4", flags...)}})
 		check("CreateVolume mount flags", strings.Join(flags, " "), err, false)
 	}
