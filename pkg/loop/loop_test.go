@@ -62,7 +62,10 @@ func sparseFile(t *testing.T, path string, size int64) {
 	}
 }
 
-// attach attaches path and registers its detach.
+// attach attaches path and registers its detach. The cleanup detaches the
+// device that path backs at the end, not d.Path: a test that detached d
+// itself leaves d.Path free for any other process to take (a cluster
+// beside the tests, another test binary), and that device is not ours.
 func attach(t *testing.T, path string, opts Options) *Device {
 	t.Helper()
 	d, err := Attach(path, opts)
@@ -70,8 +73,19 @@ func attach(t *testing.T, path string, opts Options) *Device {
 		t.Fatalf("Attach(%s): %v", path, err)
 	}
 	t.Cleanup(func() {
-		if err := Detach(d.Path); err != nil {
-			t.Errorf("cleanup Detach(%s): %v", d.Path, err)
+		devs, err := List()
+		if err != nil {
+			t.Errorf("cleanup: list loop devices: %v", err)
+			return
+		}
+		for _, cur := range devs {
+			// A backing file deleted since counts too (List strips the
+			// kernel's " (deleted)"; Find skips such devices).
+			if cur.Path == d.Path && cur.BackingFile == path {
+				if err := Detach(cur.Path); err != nil {
+					t.Errorf("cleanup Detach(%s): %v", cur.Path, err)
+				}
+			}
 		}
 	})
 	return d
