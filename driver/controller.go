@@ -89,6 +89,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, err
 	}
+	if err := checkCopyKind(src, vc); err != nil {
+		return nil, err
+	}
 	if src != nil && prm.pool == "" {
 		prm.pool = src.pool.Name() // copies stay in their origin's pool
 	}
@@ -168,6 +171,27 @@ type contentSrc struct {
 	token string
 	size  int64
 	pool  *pool.Pool
+	// accessType and fsType of the origin ("" when a snapshot made before
+	// they were recorded outlived its source volume).
+	accessType pool.AccessType
+	fsType     string
+}
+
+// checkCopyKind refuses a copy that would change what its bytes are: a
+// block volume's bytes were written by a tenant as a raw device, and
+// mounting them as a filesystem would have the host's kernel and mkfs
+// parse tenant-made metadata; a filesystem restored under another fsType
+// cannot be mounted.
+func checkCopyKind(src *contentSrc, vc volumeCaps) error {
+	switch {
+	case src == nil || src.accessType == "":
+		return nil
+	case src.accessType != vc.accessType:
+		return invalidf("%s %s holds a %s volume's bytes; a copy keeps its origin's access type and cannot be a %s volume", src.kind, src.id, src.accessType, vc.accessType)
+	case vc.accessType == pool.Mount && vc.fsType != "" && fsTypeOrDefault(src.fsType) != vc.fsType:
+		return invalidf("%s %s holds a %s filesystem; a copy keeps it and cannot be %s", src.kind, src.id, fsTypeOrDefault(src.fsType), vc.fsType)
+	}
+	return nil
 }
 
 // contentSource resolves a CreateVolume content source. A source that does
@@ -186,14 +210,26 @@ func (d *Driver) contentSource(cs *csi.VolumeContentSource) (*contentSrc, error)
 		if err != nil {
 			return nil, err
 		}
-		return &contentSrc{kind: pool.SourceSnapshot, id: id, token: sid.Token, size: s.SizeBytes, pool: p}, nil
+		src := &contentSrc{kind: pool.SourceSnapshot, id: id, token: sid.Token, size: s.SizeBytes, pool: p,
+			accessType: s.AccessType, fsType: s.FSType}
+		if src.accessType == "" {
+			// Made before snapshots recorded it: its source, if it is
+			// still there, says.
+			if _, v, err := d.getVolume(s.SourceVolumeID); err == nil {
+				src.accessType, src.fsType = v.AccessType, v.FSType
+			} else {
+				klog.InfoS("Snapshot records no access type and its source volume is gone: the restore is made as asked", "snapshotID", id, "sourceVolumeID", s.SourceVolumeID)
+			}
+		}
+		return src, nil
 	case cs.GetVolume() != nil:
 		id := cs.GetVolume().GetVolumeId()
 		p, v, err := d.getVolume(id)
 		if err != nil {
 			return nil, err
 		}
-		return &contentSrc{kind: pool.SourceVolume, id: id, token: v.Token(), size: v.CapacityBytes, pool: p}, nil
+		return &contentSrc{kind: pool.SourceVolume, id: id, token: v.Token(), size: v.CapacityBytes, pool: p,
+			accessType: v.AccessType, fsType: v.FSType}, nil
 	}
 	return nil, invalidf("volume content source names neither a snapshot nor a volume")
 }

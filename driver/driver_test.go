@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -332,6 +333,72 @@ func TestNodeStageRefusals(t *testing.T) {
 	}
 	_, err = d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: "../../etc/passwd", StagingTargetPath: staging, VolumeCapability: c, PublishContext: pc})
 	wantCode(t, err, codes.NotFound)
+}
+
+// A volume is staged only as it was made: an ext4 volume is neither a raw
+// device nor an xfs filesystem, whatever the capability says.
+func TestNodeStageKeepsTheRecordedKind(t *testing.T) {
+	d, k, id, pc, dir := nodeFixture(t, mountCap("ext4"))
+	ctx := context.Background()
+	staging := filepath.Join(dir, "staging")
+	for name, c := range map[string]*csi.VolumeCapability{"block": blockCap(), "xfs": mountCap("xfs")} {
+		_, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c, PublishContext: pc})
+		wantCode(t, err, codes.FailedPrecondition)
+		if k.attached() != 0 || len(k.mounts) != 0 {
+			t.Fatalf("%s: a refused stage left %d loop devices and mounts %v", name, k.attached(), k.mounts)
+		}
+	}
+	// No fsType in the capability: the recorded one.
+	if _, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap(""), PublishContext: pc}); err != nil {
+		t.Fatal(err)
+	}
+	if opts := k.mountOpts[staging]; !slices.Contains(opts, "nosuid") || !slices.Contains(opts, "nodev") {
+		t.Errorf("staging mount options %q, want nosuid and nodev", opts)
+	}
+}
+
+// Clones and restores keep their origin's access type and filesystem: a
+// block volume's bytes never become a filesystem the host mounts.
+func TestCopiesKeepTheirOriginsKind(t *testing.T) {
+	d := newTestDriver(t, newFakeKernel())
+	ctx := context.Background()
+	blk, err := d.CreateVolume(ctx, createReq("blk", 1<<20, blockCap()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext, err := d.CreateVolume(ctx, createReq("ext", 1<<20, mountCap("ext4")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: blk.GetVolume().GetVolumeId(), Name: "blk-snap"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromVol := func(id string) *csi.VolumeContentSource {
+		return &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: id}}}
+	}
+	fromSnap := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshot().GetSnapshotId()}}}
+	for _, tc := range []struct {
+		name string
+		c    *csi.VolumeCapability
+		src  *csi.VolumeContentSource
+		want codes.Code
+	}{
+		{"clone of a block volume as a filesystem", mountCap("ext4"), fromVol(blk.GetVolume().GetVolumeId()), codes.InvalidArgument},
+		{"restore of a block snapshot as a filesystem", mountCap(""), fromSnap, codes.InvalidArgument},
+		{"clone of an ext4 volume as block", blockCap(), fromVol(ext.GetVolume().GetVolumeId()), codes.InvalidArgument},
+		{"clone of an ext4 volume as xfs", mountCap("xfs"), fromVol(ext.GetVolume().GetVolumeId()), codes.InvalidArgument},
+		{"restore of a block snapshot as block", blockCap(), fromSnap, codes.OK},
+		{"clone of an ext4 volume as ext4", mountCap("ext4"), fromVol(ext.GetVolume().GetVolumeId()), codes.OK},
+		{"clone of an ext4 volume with no fsType", mountCap(""), fromVol(ext.GetVolume().GetVolumeId()), codes.OK},
+	} {
+		req := createReq("copy-"+strings.ReplaceAll(tc.name, " ", "-"), 1<<20, tc.c)
+		req.VolumeContentSource = tc.src
+		_, err := d.CreateVolume(ctx, req)
+		if status.Code(err) != tc.want {
+			t.Errorf("%s: %v, want %s", tc.name, err, tc.want)
+		}
+	}
 }
 
 func TestNodeBlockLifecycle(t *testing.T) {

@@ -21,10 +21,13 @@ type fakeKernel struct {
 	devs    map[string]*loop.Device // by backing file
 	mounts  []fs.MountInfo
 	formats map[string]string // device -> filesystem
+	// mountOpts are the options each filesystem mount was asked for, by
+	// target (the mount table keeps only rw or ro, as the kernel shows).
+	mountOpts map[string][]string
 }
 
 func newFakeKernel() *fakeKernel {
-	return &fakeKernel{devs: map[string]*loop.Device{}, formats: map[string]string{}}
+	return &fakeKernel{devs: map[string]*loop.Device{}, formats: map[string]string{}, mountOpts: map[string][]string{}}
 }
 
 func (k *fakeKernel) kernel() Kernel { return Kernel{Loops: k, Mounter: k} }
@@ -126,6 +129,7 @@ func (k *fakeKernel) FormatAndMount(device, target, fsType string, options, _ []
 		k.formats[device] = fsType
 	}
 	k.mounts = append(k.mounts, fs.MountInfo{Major: 7, Minor: d.Number, Root: "/", MountPoint: target, FsType: fsType, MountOptions: rwOpt(options)})
+	k.mountOpts[target] = append([]string(nil), options...)
 	return nil
 }
 

@@ -210,6 +210,9 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 	if c.GetMount().GetFsType() == "" && nv.vol.FSType != "" {
 		fsType = nv.vol.FSType
 	}
+	if err := checkStageKind(nv.vol, block, fsType); err != nil {
+		return nil, err
+	}
 	if done, err := d.alreadyStaged(nv, mounts, staging, block, fsType); done || err != nil {
 		if err != nil {
 			return nil, err
@@ -258,6 +261,28 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 	fence()
 	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging, "block", block)
 	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// checkStageKind refuses to stage a volume otherwise than it was made: the
+// bytes of a block volume reach the host's kernel and mkfs only as a raw
+// device, and a filesystem volume is mounted only as its own filesystem.
+// FailedPrecondition, as the CSI spec says for capabilities the volume does
+// not support. Volumes recorded before the access type was (none today)
+// pass.
+func checkStageKind(v pool.Volume, block bool, fsType string) error {
+	asked := pool.Mount
+	if block {
+		asked = pool.Block
+	}
+	switch {
+	case v.AccessType == "":
+		return nil
+	case v.AccessType != asked:
+		return preconditionf("volume %s was made for %s access and cannot be staged for %s access", v.ID, v.AccessType, asked)
+	case asked == pool.Mount && fsTypeOrDefault(v.FSType) != fsType:
+		return preconditionf("volume %s was made with a %s filesystem and cannot be staged as %s", v.ID, fsTypeOrDefault(v.FSType), fsType)
+	}
+	return nil
 }
 
 // alreadyStaged reports whether the volume is already staged at staging as
@@ -315,7 +340,9 @@ func (d *Driver) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fs
 	if found == "" && ro {
 		return preconditionf("volume %s is blank and attached read-only: it cannot be formatted", nv.vol.ID)
 	}
-	opts := slices.Clone(c.GetMount().GetMountFlags())
+	// A tenant's files are never devices or setuid programs on the host
+	// (the pods' bind mounts inherit both flags).
+	opts := append([]string{"nosuid", "nodev"}, c.GetMount().GetMountFlags()...)
 	if ro {
 		// The loop device is read-only too: a journal left dirty by the
 		// last writer (a node that died) is not replayed, or the mount

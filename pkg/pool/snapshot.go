@@ -34,6 +34,10 @@ type Snapshot struct {
 	Method string `json:"method"`
 	// GroupID is the group snapshot the snapshot belongs to, if any.
 	GroupID string `json:"groupID,omitempty"`
+	// AccessType and FSType are the source volume's: a restore keeps them.
+	// Snapshots made before they were recorded have neither.
+	AccessType AccessType `json:"accessType,omitempty"`
+	FSType     string     `json:"fsType,omitempty"`
 
 	token string
 }
@@ -117,7 +121,8 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 		return Snapshot{}, false, err
 	}
 	s = Snapshot{ID: id.String(), Name: req.Name, SourceVolumeID: src.ID, SizeBytes: src.CapacityBytes,
-		CreatedAt: time.Now().UTC(), GroupID: req.GroupID, token: id.Token}
+		CreatedAt: time.Now().UTC(), GroupID: req.GroupID, AccessType: src.AccessType, FSType: src.FSType,
+		token: id.Token}
 	start := time.Now()
 	if err := p.buildSnapshot(ctx, &s, filepath.Join(p.volumeDir(src.token), imageFile)); err != nil {
 		var taken errNameTaken
