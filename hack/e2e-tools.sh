@@ -82,38 +82,9 @@ T_START=$(date +%s.%N)
 
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# build_into OUT DIR -- GO BUILD ARGS...: runs `go build -o tmp ARGS` in DIR,
-# then renames tmp to OUT. Records the time. Returns go build's status.
-build_into() {
-  local out=$1 dir=$2; shift 3
-  local name t0 tmp rc=0
-  name=$(basename "$out")
-  if [ -x "$out" ]; then
-    SUMMARY+=("$(printf '%-24s cached   %s' "$name" "$out")")
-    log "$name: cached ($out)"
-    return 0
-  fi
-  mkdir -p "$(dirname "$out")"
-  tmp=$out.tmp.$$
-  log "$name: building ..."
-  t0=$(date +%s.%N)
-  (cd "$dir" && go build -trimpath -o "$tmp" "$@") >"$WORK/$name.log" 2>&1 || rc=$?
-  if [ $rc -ne 0 ]; then
-    rm -f "$tmp"
-    t0=$(elapsed "$t0")
-    tail -n 30 "$WORK/$name.log" >&2
-    warn "$name: go build failed after ${t0}s (in $dir: go build $*)"
-    SUMMARY+=("$(printf '%-24s FAILED   after %ss' "$name" "$t0")")
-    return $rc
-  fi
-  mv -f "$tmp" "$out"
-  t0=$(elapsed "$t0")
-  SUMMARY+=("$(printf '%-24s built    in %6ss' "$name" "$t0")")
-  log "$name: built in ${t0}s -> $out"
-}
-
 # build_many OUTDIR DIR LDFLAGS NAME=PACKAGE...: builds, in one `go build`
-# in DIR, each PACKAGE whose OUTDIR/NAME does not exist yet, stripped (-s -w:
+# in DIR, each PACKAGE whose OUTDIR/NAME does not exist yet (every binary of
+# this script goes through here, one or several at a time), stripped (-s -w:
 # no symbol table or DWARF; the links are faster and the binaries a third of
 # the size; panics still print their stack traces), then moves each into
 # OUTDIR/NAME. Records the time. Returns go build's status.
@@ -188,7 +159,7 @@ build_many "$BIN" "$TOOLS_DIR" "$K8S_LDFLAGS" \
 # makes that a second).
 for cmd in spool-registrar spool-livenessprobe pause; do
   rm -f "$BIN/$cmd"
-  CGO_ENABLED=0 build_into "$BIN/$cmd" "$TOOLS_DIR" -- -ldflags "-s -w" "./cmd/$cmd" ||
+  CGO_ENABLED=0 build_many "$BIN" "$TOOLS_DIR" "" "$cmd=./cmd/$cmd" ||
     die "$cmd must build; see the output above"
 done
 
@@ -207,7 +178,7 @@ sidecar() {
   var=$(tr 'a-z-' 'A-Z_' <<<"$repo")_VERSION
   ENV_LINES+=("$var=$ver")
   for cmd in "$@"; do
-    if build_into "$dir/bin/$cmd" "$SIDECARS_MOD" -- -ldflags "-X main.version=$ver -s -w" "$mod/cmd/$cmd"; then
+    if build_many "$dir/bin" "$SIDECARS_MOD" "-X main.version=$ver" "$cmd=$mod/cmd/$cmd"; then
       ln -sfn "../../$(basename "$SIDECARS")/$repo-$ver/bin/$cmd" "$BIN/$cmd"
     else
       FAILED+=("$cmd $ver")
@@ -259,10 +230,10 @@ if [ "${1:-}" = --external ]; then
   # Built like the cluster binaries (cgo on), so it reuses their compiled
   # packages: a static build recompiles them all (4 minutes cold). The
   # harness puts its libraries in the image.
-  build_into "$BIN/agnhost" "$TOOLS_DIR" -- -ldflags "-s -w" k8s.io/kubernetes/test/images/agnhost ||
+  build_many "$BIN" "$TOOLS_DIR" "" agnhost=k8s.io/kubernetes/test/images/agnhost ||
     die "agnhost must build; see the output above"
   # The ginkgo CLI runs e2e.test in parallel processes.
-  build_into "$BIN/ginkgo" "$TOOLS_DIR" -- -ldflags "-s -w" github.com/onsi/ginkgo/v2/ginkgo ||
+  build_many "$BIN" "$TOOLS_DIR" "" ginkgo=github.com/onsi/ginkgo/v2/ginkgo ||
     die "ginkgo must build; see the output above"
   # e2e-storage.test: the Kubernetes e2e suite's framework and its
   # External.Storage specs only (test/e2e/tools/e2estorage), not every e2e
