@@ -267,8 +267,7 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 // bytes of a block volume reach the host's kernel and mkfs only as a raw
 // device, and a filesystem volume is mounted only as its own filesystem.
 // FailedPrecondition, as the CSI spec says for capabilities the volume does
-// not support. Volumes recorded before the access type was (none today)
-// pass.
+// not support. A record without an access type passes.
 func checkStageKind(v pool.Volume, block bool, fsType string) error {
 	asked := pool.Mount
 	if block {

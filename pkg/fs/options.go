@@ -39,67 +39,73 @@ type optRule struct {
 // compress is a flag and takes values too).
 type optRules map[string][]optRule
 
-func flags(names ...string) optRules {
-	m := make(optRules, len(names))
-	for _, n := range names {
-		m[n] = append(m[n], optRule{kind: optFlag})
-	}
-	return m
+// optSpec lists a filesystem's options by the value they take.
+type optSpec struct {
+	flags, numbers, sizes []string
+	enums                 map[string][]string
 }
 
-func with(m optRules, kind optKind, names ...string) optRules {
-	for _, n := range names {
-		m[n] = append(m[n], optRule{kind: kind})
+func (s optSpec) rules() optRules {
+	m := optRules{}
+	for kind, names := range map[optKind][]string{optFlag: s.flags, optNumber: s.numbers, optSize: s.sizes} {
+		for _, n := range names {
+			m[n] = append(m[n], optRule{kind: kind})
+		}
 	}
-	return m
-}
-
-func enum(m optRules, name string, values ...string) optRules {
-	m[name] = append(m[name], optRule{kind: optEnum, values: values})
+	for n, values := range s.enums {
+		m[n] = append(m[n], optRule{kind: optEnum, values: values})
+	}
 	return m
 }
 
 // genericOptions are the VFS options: mount(8) turns them into mount
 // flags, so every filesystem takes them. context= is checked apart.
-var genericOptions = flags(
+var genericOptions = optSpec{flags: []string{
 	"ro", "rw", "noatime", "atime", "relatime", "norelatime", "strictatime", "nostrictatime",
 	"lazytime", "nolazytime", "nodiratime", "diratime", "nosuid", "nodev", "noexec", "exec",
 	"nosymfollow", "sync", "async", "dirsync", "iversion", "noiversion",
-)
+}}.rules()
 
 // fsOptions are each filesystem's own options.
 var fsOptions = map[string]optRules{
-	"ext4": enum(enum(enum(with(flags(
-		"discard", "nodiscard", "barrier", "nobarrier", "journal_checksum", "nojournal_checksum",
-		"journal_async_commit", "delalloc", "nodelalloc", "auto_da_alloc", "noauto_da_alloc",
-		"dioread_nolock", "dioread_lock", "nombcache", "block_validity", "noblock_validity",
-		"acl", "noacl", "user_xattr", "nouser_xattr", "quota", "usrquota", "grpquota", "prjquota",
-		"noquota", "grpid", "bsdgroups", "nogrpid", "sysvgroups", "init_itable", "noinit_itable",
-		"noload", "norecovery", "i_version"),
-		optNumber, "commit", "inode_readahead_blks", "stripe", "max_batch_time", "min_batch_time",
-		"journal_ioprio", "resuid", "resgid", "max_dir_size_kb"),
-		"barrier", "0", "1"),
-		"data", "journal", "ordered", "writeback"),
-		"errors", "continue", "remount-ro"),
-	"xfs": with(with(flags(
-		"attr2", "noattr2", "discard", "nodiscard", "grpid", "bsdgroups", "nogrpid", "sysvgroups",
-		"filestreams", "ikeep", "noikeep", "inode32", "inode64", "largeio", "nolargeio", "noalign",
-		"norecovery", "nouuid", "noquota", "uquota", "usrquota", "uqnoenforce", "quota", "gquota",
-		"grpquota", "gqnoenforce", "pquota", "prjquota", "pqnoenforce", "swalloc", "wsync"),
-		optNumber, "logbufs", "sunit", "swidth"),
-		optSize, "allocsize", "logbsize"),
-	"btrfs": enum(enum(enum(enum(enum(with(with(flags(
-		"autodefrag", "noautodefrag", "barrier", "nobarrier", "compress", "compress-force",
-		"datacow", "nodatacow", "datasum", "nodatasum", "discard", "nodiscard", "flushoncommit",
-		"noflushoncommit", "space_cache", "nospace_cache", "ssd", "nossd", "ssd_spread",
-		"nossd_spread", "treelog", "notreelog", "acl", "noacl", "user_subvol_rm_allowed"),
-		optNumber, "commit", "thread_pool"),
-		optSize, "max_inline"),
-		"compress", compressValues()...),
-		"compress-force", compressValues()...),
-		"discard", "sync", "async"),
-		"space_cache", "v1", "v2"),
-		"rescue", "nologreplay"),
+	"ext4": optSpec{
+		flags: []string{"discard", "nodiscard", "barrier", "nobarrier", "journal_checksum", "nojournal_checksum",
+			"journal_async_commit", "delalloc", "nodelalloc", "auto_da_alloc", "noauto_da_alloc",
+			"dioread_nolock", "dioread_lock", "nombcache", "block_validity", "noblock_validity",
+			"acl", "noacl", "user_xattr", "nouser_xattr", "quota", "usrquota", "grpquota", "prjquota",
+			"noquota", "grpid", "bsdgroups", "nogrpid", "sysvgroups", "init_itable", "noinit_itable",
+			"noload", "norecovery", "i_version"},
+		numbers: []string{"commit", "inode_readahead_blks", "stripe", "max_batch_time", "min_batch_time",
+			"journal_ioprio", "resuid", "resgid", "max_dir_size_kb"},
+		enums: map[string][]string{
+			"barrier": {"0", "1"},
+			"data":    {"journal", "ordered", "writeback"},
+			"errors":  {"continue", "remount-ro"},
+		},
+	}.rules(),
+	"xfs": optSpec{
+		flags: []string{"attr2", "noattr2", "discard", "nodiscard", "grpid", "bsdgroups", "nogrpid", "sysvgroups",
+			"filestreams", "ikeep", "noikeep", "inode32", "inode64", "largeio", "nolargeio", "noalign",
+			"norecovery", "nouuid", "noquota", "uquota", "usrquota", "uqnoenforce", "quota", "gquota",
+			"grpquota", "gqnoenforce", "pquota", "prjquota", "pqnoenforce", "swalloc", "wsync"},
+		numbers: []string{"logbufs", "sunit", "swidth"},
+		sizes:   []string{"allocsize", "logbsize"},
+	}.rules(),
+	"btrfs": optSpec{
+		flags: []string{"autodefrag", "noautodefrag", "barrier", "nobarrier", "compress", "compress-force",
+			"datacow", "nodatacow", "datasum", "nodatasum", "discard", "nodiscard", "flushoncommit",
+			"noflushoncommit", "space_cache", "nospace_cache", "ssd", "nossd", "ssd_spread",
+			"nossd_spread", "treelog", "notreelog", "acl", "noacl", "user_subvol_rm_allowed"},
+		numbers: []string{"commit", "thread_pool"},
+		sizes:   []string{"max_inline"},
+		enums: map[string][]string{
+			"compress":       compressValues(),
+			"compress-force": compressValues(),
+			"discard":        {"sync", "async"},
+			"space_cache":    {"v1", "v2"},
+			"rescue":         {"nologreplay"},
+		},
+	}.rules(),
 }
 
 // compressValues are btrfs's compress= values: an algorithm, and for zlib
