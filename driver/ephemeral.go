@@ -3,12 +3,12 @@ package driver
 import (
 	"context"
 	"errors"
-	"os"
 	"regexp"
 	"slices"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -144,7 +144,7 @@ func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolum
 		}
 	}
 	if err := fs.MakeDir(target); err != nil {
-		return nil, d.failEphemeral(nv, status.Errorf(codes.Internal, "target path: %v", err))
+		return nil, d.failEphemeral(nv, coPathError("target path", err))
 	}
 	found, err := d.kernel.Mounter.Probe(nv.dev.Path)
 	if err == nil && found != "" && found != fsType {
@@ -191,17 +191,28 @@ func (d *Driver) deleteEphemeral(nv *nodeVolume) error {
 	return nil
 }
 
-// removeUnmountedTarget removes a target path that nothing is mounted on.
-func (d *Driver) removeUnmountedTarget(target string) error {
+// removeUnmountedTarget finishes the unpublish of an ephemeral volume that
+// is gone: a target that is missing or an empty directory (what an
+// interrupted publish or unpublish leaves) is removed and the call succeeds,
+// so that the kubelet can tear the pod down. Anything else at the target (a
+// mount, a file, a directory with entries) is not Spool's: the volume is
+// NotFound and the path stays untouched.
+func (d *Driver) removeUnmountedTarget(id, target string) error {
 	mounts, err := d.kernel.Mounter.Mounts()
 	if err != nil {
 		return err
 	}
 	if _, ok := fs.MountAt(mounts, target); ok {
-		return preconditionf("target path %s holds a mount that is not a Spool volume", target)
+		return notFoundf("volume %s not found; target path %s holds a mount, which stays", id, target)
 	}
-	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return status.Errorf(codes.Internal, "removing target path %s: %v", target, err)
+	var st unix.Stat_t
+	if err := unix.Lstat(target, &st); err == nil && st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return notFoundf("volume %s not found; target path %s is not a directory, and stays", id, target)
+	}
+	if err := fs.RemoveEmpty(target); errors.Is(err, fs.ErrNotEmpty) {
+		return notFoundf("volume %s not found; target path %s is not empty, and stays", id, target)
+	} else if err != nil {
+		return status.Errorf(codes.Internal, "%v", err)
 	}
 	return nil
 }

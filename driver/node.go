@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -221,8 +220,14 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
 
-	if err := fs.MakeDir(staging); err != nil {
-		return nil, status.Errorf(codes.Internal, "staging path: %v", err)
+	// A leftover block marker of an interrupted stage may remain; stageBlock
+	// checks that it is an empty file.
+	var allow []string
+	if block {
+		allow = []string{blockMarker}
+	}
+	if err := fs.MakeDir(staging, allow...); err != nil {
+		return nil, coPathError("staging path", err)
 	}
 	attached := false
 	if nv.dev != nil && nv.dev.ReadOnly != ro {
@@ -319,10 +324,12 @@ func (d *Driver) alreadyStaged(nv *nodeVolume, mounts []fs.MountInfo, staging st
 func (d *Driver) stageBlock(nv *nodeVolume, staging string) error {
 	marker := filepath.Join(staging, blockMarker)
 	if err := fs.MakeFile(marker); err != nil {
-		return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
+		return coPathError("staging path", err)
 	}
 	if err := d.kernel.Mounter.BindMount(nv.dev.Path, marker, nv.dev.ReadOnly); err != nil {
-		_ = os.Remove(marker)
+		if rerr := fs.RemoveEmpty(marker); rerr != nil {
+			klog.ErrorS(rerr, "Could not remove the block marker after a failed stage", "volumeID", nv.vol.ID)
+		}
 		return status.Errorf(codes.Internal, "staging %s: %v", nv.vol.ID, err)
 	}
 	return nil
@@ -457,8 +464,8 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 			return nil, status.Errorf(codes.Internal, "unstaging %s: %v", id, err)
 		}
 	}
-	if err := os.Remove(marker); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, status.Errorf(codes.Internal, "removing %s: %v", marker, err)
+	if err := fs.RemoveEmpty(marker); err != nil {
+		return nil, coPathError("block marker", err)
 	}
 	if nv.dev != nil {
 		if mounts, err = d.kernel.Mounter.Mounts(); err != nil {
@@ -550,7 +557,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		err = fs.MakeDir(target)
 	}
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "target path: %v", err)
+		return nil, coPathError("target path", err)
 	}
 	faults.Point("publish-target-made")
 	if err := d.kernel.Mounter.BindMount(source, target, ro); err != nil {
@@ -558,6 +565,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	klog.V(2).InfoS("Published volume", "volumeID", id, "target", target, "readonly", ro, "block", block)
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// coPathError maps an error about a CO-given path: one that holds what Spool
+// did not make is FailedPrecondition (and stays as it is), anything else
+// Internal.
+func coPathError(what string, err error) error {
+	if errors.Is(err, fs.ErrNotEmpty) {
+		return preconditionf("%s %v: Spool neither mounts over nor removes it", what, err)
+	}
+	return status.Errorf(codes.Internal, "%s: %v", what, err)
 }
 
 // isStaged reports whether the volume's loop device is staged at staging.
@@ -592,7 +609,7 @@ func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 	if err != nil && isEphemeralID(id) {
 		// An ephemeral volume that is already gone (deleted by an earlier
 		// unpublish, or at start): only the target may remain.
-		return &csi.NodeUnpublishVolumeResponse{}, d.removeUnmountedTarget(target)
+		return &csi.NodeUnpublishVolumeResponse{}, d.removeUnmountedTarget(id, target)
 	}
 	if err != nil {
 		return nil, err
@@ -608,15 +625,17 @@ func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 		if !ok {
 			break
 		}
-		if nv.dev != nil && !fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) && !fs.IsDeviceNodeBind(m, nv.dev.Path) {
-			return nil, preconditionf("target path %s holds a mount that is not volume %s", target, id)
+		// Only a mount proven to be this volume's is unmounted: with no loop
+		// device there is nothing to prove it by.
+		if nv.dev == nil || !(fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || fs.IsDeviceNodeBind(m, nv.dev.Path)) {
+			return nil, preconditionf("target path %s holds a mount that is not volume %s; Spool unmounts only its own", target, id)
 		}
 		if err := d.kernel.Mounter.Unmount(target); err != nil {
 			return nil, status.Errorf(codes.Internal, "unpublishing %s: %v", id, err)
 		}
 	}
-	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, status.Errorf(codes.Internal, "removing target path %s: %v", target, err)
+	if err := fs.RemoveEmpty(target); err != nil {
+		return nil, coPathError("target path", err)
 	}
 	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "target", target)
 	if nv.vol.Ephemeral {

@@ -208,7 +208,20 @@ func checkPath(field, p string) (string, error) {
 	if len(p) > maxPathLen || strings.ContainsRune(p, 0) || !filepath.IsAbs(p) {
 		return "", invalidf("%s %q must be an absolute path", field, p)
 	}
-	return filepath.Clean(p), nil
+	return resolveParent(filepath.Clean(p)), nil
+}
+
+// resolveParent resolves the symbolic links in the directory that holds
+// p, so that p names what the mount table shows (a symlinked kubelet
+// directory mounts at the link's target). The last element is never
+// followed: whatever is there is checked as it is. A parent that cannot be
+// resolved (not made yet) leaves p as it was.
+func resolveParent(p string) string {
+	dir, err := filepath.EvalSymlinks(filepath.Dir(p))
+	if err != nil {
+		return p
+	}
+	return filepath.Join(dir, filepath.Base(p))
 }
 
 // checkVolumePath validates the volume path of NodeGetVolumeStats and

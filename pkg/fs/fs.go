@@ -6,6 +6,7 @@ package fs
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -229,28 +230,96 @@ func IsDeviceNodeBind(m MountInfo, devPath string) bool {
 	return m.FsType == "devtmpfs" && m.Root == "/"+filepath.Base(devPath)
 }
 
+// ErrNotEmpty is returned when a CO-given path that Spool would create,
+// mount on or remove already holds something: a file with content, a
+// directory with entries, a link, a device. Spool never mounts over or
+// removes what it did not make.
+var ErrNotEmpty = errors.New("holds something Spool did not make")
+
 // MakeFile creates an empty regular file to bind a device node onto; an
-// existing file is fine.
+// existing empty regular file is fine. It never follows a link at path and
+// never opens a FIFO or device found there.
 func MakeFile(path string) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDONLY|unix.O_NOFOLLOW, 0o640)
+	fd, err := unix.Open(path, unix.O_CREAT|unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0o640)
 	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EISDIR) {
+			return fmt.Errorf("%s: %w (not a regular file)", path, ErrNotEmpty)
+		}
 		return fmt.Errorf("creating %s: %w", path, err)
 	}
-	return f.Close()
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("checking %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != 0 {
+		return fmt.Errorf("%s: %w (a non-empty file or not a regular file)", path, ErrNotEmpty)
+	}
+	return nil
 }
 
-// MakeDir creates path (not its parents); an existing directory is fine.
-func MakeDir(path string) error {
+// MakeDir creates path (not its parents); an existing empty directory is
+// fine, and so is one that holds only the entries named in allow (such as
+// the block marker of an interrupted stage). Anything else at path (a
+// directory with other entries, a file, a link) wraps ErrNotEmpty.
+func MakeDir(path string, allow ...string) error {
 	err := os.Mkdir(path, 0o750)
-	if err == nil || errors.Is(err, os.ErrExist) {
-		fi, serr := os.Lstat(path)
-		if serr != nil {
-			return fmt.Errorf("checking %s: %w", path, serr)
-		}
-		if !fi.IsDir() {
-			return fmt.Errorf("%s exists and is not a directory", path)
-		}
+	if err == nil {
 		return nil
 	}
-	return fmt.Errorf("creating %s: %w", path, err)
+	if !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("creating %s: %w", path, err)
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+			return fmt.Errorf("%s: %w (not a directory)", path, ErrNotEmpty)
+		}
+		return fmt.Errorf("checking %s: %w", path, err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	names, err := f.Readdirnames(len(allow) + 1)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("checking %s: %w", path, err)
+	}
+	for _, n := range names {
+		if !slices.Contains(allow, n) {
+			return fmt.Errorf("%s: %w (the directory holds %q)", path, ErrNotEmpty, n)
+		}
+	}
+	return nil
+}
+
+// RemoveEmpty removes path if it is an empty directory or an empty regular
+// file; a missing path is fine. Anything else stays and wraps ErrNotEmpty:
+// Spool removes only the targets it made, never what a CO, a pod or an
+// administrator put at a path.
+func RemoveEmpty(path string) error {
+	var st unix.Stat_t
+	err := unix.Lstat(path, &st)
+	switch {
+	case errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR):
+		return nil // no such path: nothing to remove
+	case err != nil:
+		return fmt.Errorf("checking %s: %w", path, err)
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		err = unix.Rmdir(path)
+		if errors.Is(err, unix.ENOTEMPTY) || errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("%s: %w (a directory with entries)", path, ErrNotEmpty)
+		}
+	case unix.S_IFREG:
+		if st.Size != 0 {
+			return fmt.Errorf("%s: %w (a file of %d bytes)", path, ErrNotEmpty, st.Size)
+		}
+		err = unix.Unlink(path)
+	default:
+		return fmt.Errorf("%s: %w (neither a directory nor a regular file)", path, ErrNotEmpty)
+	}
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("removing %s: %w", path, err)
+	}
+	return nil
 }
