@@ -6,6 +6,8 @@ package driver
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -138,6 +140,10 @@ type Driver struct {
 	pools       map[string]*pool.Pool
 	poolOrder   []string
 	topologyKey string
+	// loopOwner tags the loop devices this node plugin attaches, so that
+	// two node plugins on one kernel (kind, a multi-node test cluster) never
+	// take each other's devices for their own (loopOwner()).
+	loopOwner string
 
 	// volumeLocks serialises operations on one volume ID; a busy ID
 	// answers Aborted.
@@ -187,7 +193,7 @@ func NewOffline(opts Options, kernel Kernel) (*Driver, error) {
 
 // build opens the pools of validated options and builds the driver.
 func build(opts Options, kernel Kernel) (*Driver, error) {
-	d := &Driver{opts: opts, kernel: kernel, pools: map[string]*pool.Pool{}, topologyKey: TopologyKey(opts.DriverName)}
+	d := &Driver{opts: opts, kernel: kernel, pools: map[string]*pool.Pool{}, topologyKey: TopologyKey(opts.DriverName), loopOwner: loopOwner(opts.NodeID)}
 	for _, spec := range opts.Pools {
 		// A node plugin of a shared pool leaves cleanup to the controllers.
 		spec.NodeOnly = spec.Shared && opts.Mode == ModeNode
@@ -222,6 +228,13 @@ func build(opts Options, kernel Kernel) (*Driver, error) {
 		}
 	}
 	return d, nil
+}
+
+// loopOwner is the owner tag of a node's loop devices: a digest of the node
+// ID, which is stable across restarts of the plugin and fits lo_file_name.
+func loopOwner(nodeID string) string {
+	sum := sha256.Sum256([]byte(nodeID))
+	return "node-" + hex.EncodeToString(sum[:12])
 }
 
 // Close releases the pools.

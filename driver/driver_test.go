@@ -15,7 +15,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
 )
 
@@ -315,7 +314,7 @@ func TestNodeStageRefusals(t *testing.T) {
 	}
 	// A device that holds another filesystem is never reformatted.
 	img, _ := d.pools["default"].ImagePath(id[len(id)-24:])
-	dev, _ := k.Attach(img, loop.Options{})
+	dev, _ := k.attachPath(img)
 	k.formats[dev.Path] = "xfs"
 	_, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c, PublishContext: pc})
 	wantCode(t, err, codes.FailedPrecondition)

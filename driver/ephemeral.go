@@ -14,7 +14,6 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/fs"
-	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/metrics"
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/pkg/size"
@@ -139,8 +138,8 @@ func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolum
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
 	if nv.dev == nil {
-		if nv.dev, err = d.kernel.Loops.Attach(nv.image, loop.Options{DirectIO: true}); err != nil {
-			return nil, d.failEphemeral(nv, status.Errorf(codes.Internal, "attaching ephemeral volume %s: %v", id, err))
+		if nv.dev, err = d.attach(nv, false); err != nil {
+			return nil, d.failEphemeral(nv, err)
 		}
 	}
 	if err := fs.MakeDir(target); err != nil {
@@ -231,14 +230,10 @@ func (d *Driver) deleteOrphanEphemerals() {
 			if !v.Ephemeral {
 				continue
 			}
-			img, err := p.ImagePath(v.Token())
-			if err != nil {
+			if dev, err := d.ownDevice(p, v.Token()); dev != nil || err != nil {
 				continue
 			}
-			if _, err := d.kernel.Loops.Find(img); !errors.Is(err, loop.ErrNotFound) {
-				continue
-			}
-			err = p.DeleteVolume(v.Token())
+			err := p.DeleteVolume(v.Token())
 			d.metrics.Reconciled(metrics.ActionDeleteEphemeral, err)
 			if err != nil {
 				klog.ErrorS(err, "Could not delete an orphaned ephemeral volume", "volume", v.Name)

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"errors"
+	"os"
 	"path/filepath"
 	"strconv"
 	"sync"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
 )
 
 // fakeKernel stands in for loop devices and the mount table. It keeps a
@@ -18,7 +20,7 @@ import (
 type fakeKernel struct {
 	mu      sync.Mutex
 	next    int
-	devs    map[string]*loop.Device // by backing file
+	devs    map[pool.ImageID]*loop.Device // by backing file
 	mounts  []fs.MountInfo
 	formats map[string]string // device -> filesystem
 	// mountOpts are the options each filesystem mount was asked for, by
@@ -27,30 +29,45 @@ type fakeKernel struct {
 }
 
 func newFakeKernel() *fakeKernel {
-	return &fakeKernel{devs: map[string]*loop.Device{}, formats: map[string]string{}, mountOpts: map[string][]string{}}
+	return &fakeKernel{devs: map[pool.ImageID]*loop.Device{}, formats: map[string]string{}, mountOpts: map[string][]string{}}
 }
 
 func (k *fakeKernel) kernel() Kernel { return Kernel{Loops: k, Mounter: k} }
 
-func (k *fakeKernel) Attach(file string, opts loop.Options) (*loop.Device, error) {
+func (k *fakeKernel) Attach(f *os.File, opts loop.Options) (*loop.Device, error) {
+	id, err := pool.ImageIDOf(f)
+	if err != nil {
+		return nil, err
+	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if d, ok := k.devs[file]; ok {
+	if d, ok := k.devs[id]; ok {
 		c := *d
 		return &c, loop.ErrAlreadyAttached
 	}
 	n := k.next
 	k.next++
-	d := &loop.Device{Path: "/dev/loop" + strconv.Itoa(n), Number: n, BackingFile: file, Rdev: unix.Mkdev(7, uint32(n)), ReadOnly: opts.ReadOnly, DirectIO: opts.DirectIO}
-	k.devs[file] = d
+	d := &loop.Device{Path: "/dev/loop" + strconv.Itoa(n), Number: n, BackingFile: f.Name(), BackingDev: id.Dev, Inode: id.Ino,
+		Rdev: unix.Mkdev(7, uint32(n)), ReadOnly: opts.ReadOnly, DirectIO: opts.DirectIO, Owner: opts.Owner}
+	k.devs[id] = d
 	c := *d
 	return &c, nil
 }
 
-func (k *fakeKernel) Find(file string) (*loop.Device, error) {
+// attachPath attaches the file at path, as a test's own setup would.
+func (k *fakeKernel) attachPath(path string) (*loop.Device, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return k.Attach(f, loop.Options{})
+}
+
+func (k *fakeKernel) Find(id pool.ImageID, owner string) (*loop.Device, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if d, ok := k.devs[file]; ok {
+	if d, ok := k.devs[id]; ok && d.OwnedBy(owner) {
 		c := *d
 		return &c, nil
 	}

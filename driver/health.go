@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/pool"
@@ -60,8 +61,8 @@ func (d *Driver) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHe
 	add := func(st csi.VolumeHealthErrorType, reason, msg string) {
 		out = append(out, &csi.VolumeHealth_VolumeHealthEntry{Status: st, Reason: reason, Message: msg})
 	}
-	if _, err := os.Stat(nv.image); err != nil {
-		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonImageMissing, fmt.Sprintf("image file is not reachable: %v", err))
+	if nv.imageErr != nil {
+		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonImageMissing, fmt.Sprintf("image file is not usable: %v", nv.imageErr))
 	}
 	if why := d.fenceLost(nv.pool, nv.vol, nv.dev != nil); why != "" {
 		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonAttachmentLost, why)
@@ -125,14 +126,15 @@ func (d *Driver) controllerHealth(p *pool.Pool, v pool.Volume, c pool.Capacity) 
 	add := func(st csi.VolumeHealthErrorType, reason, msg string) {
 		out = append(out, &csi.VolumeHealth_VolumeHealthEntry{Status: st, Reason: reason, Message: msg})
 	}
-	img, err := p.ImagePath(v.Token())
-	if err != nil {
-		return nil
+	f, err := p.OpenImage(v.Token(), unix.O_PATH)
+	var fi os.FileInfo
+	if err == nil {
+		fi, err = f.Stat()
+		_ = f.Close()
 	}
-	fi, err := os.Stat(img)
 	switch {
 	case err != nil:
-		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonImageMissing, fmt.Sprintf("image file is not reachable: %v", err))
+		add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonImageMissing, fmt.Sprintf("image file is not usable: %v", err))
 		return out
 	case fi.Size() < v.CapacityBytes:
 		add(csi.VolumeHealthErrorType_DEGRADED, reasonImageTruncated, fmt.Sprintf("image holds %d bytes, the volume %d", fi.Size(), v.CapacityBytes))

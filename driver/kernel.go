@@ -1,15 +1,21 @@
 package driver
 
 import (
+	"os"
+
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
 )
 
 // LoopDevices is the node service's edge to loop devices. The real one is
 // pkg/loop; unit tests use a fake.
 type LoopDevices interface {
-	Attach(file string, opts loop.Options) (*loop.Device, error)
-	Find(file string) (*loop.Device, error)
+	// Attach attaches an image the pool opened and checked.
+	Attach(image *os.File, opts loop.Options) (*loop.Device, error)
+	// Find finds the device of owner backed by the image with this
+	// identity (loop.Device.OwnedBy).
+	Find(image pool.ImageID, owner string) (*loop.Device, error)
 	List() ([]loop.Device, error)
 	Detach(devPath string) error
 	Size(devPath string) (int64, error)
@@ -42,13 +48,15 @@ type Kernel struct {
 
 type realLoops struct{}
 
-func (realLoops) Attach(file string, opts loop.Options) (*loop.Device, error) {
-	return loop.Attach(file, opts)
+func (realLoops) Attach(image *os.File, opts loop.Options) (*loop.Device, error) {
+	return loop.AttachFile(image, opts)
 }
-func (realLoops) Find(file string) (*loop.Device, error) { return loop.Find(file) }
-func (realLoops) List() ([]loop.Device, error)           { return loop.List() }
-func (realLoops) Detach(devPath string) error            { return loop.Detach(devPath) }
-func (realLoops) Size(devPath string) (int64, error)     { return loop.Size(devPath) }
+func (realLoops) Find(image pool.ImageID, owner string) (*loop.Device, error) {
+	return loop.FindOwned(image.Dev, image.Ino, owner)
+}
+func (realLoops) List() ([]loop.Device, error)       { return loop.List() }
+func (realLoops) Detach(devPath string) error        { return loop.Detach(devPath) }
+func (realLoops) Size(devPath string) (int64, error) { return loop.Size(devPath) }
 func (realLoops) SetCapacity(devPath string) (int64, error) {
 	return loop.SetCapacity(devPath)
 }

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -51,13 +53,17 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 	}, nil
 }
 
-// nodeVolume is what every node call works on: the volume, its image and the
-// loop device currently backed by that image (nil when none).
+// nodeVolume is what every node call works on: the volume, the identity of
+// its image and the loop device of this node backed by that image (nil when
+// none). An image that is missing, or is not what Spool makes (a link, a
+// hard link, a device), has no identity: imageErr says why, and the volume
+// is neither attached nor matched to a device.
 type nodeVolume struct {
-	pool  *pool.Pool
-	vol   pool.Volume
-	image string
-	dev   *loop.Device
+	pool     *pool.Pool
+	vol      pool.Volume
+	image    pool.ImageID
+	imageErr error
+	dev      *loop.Device
 }
 
 // nodeLookup finds a volume served by this node and its loop device.
@@ -66,20 +72,84 @@ func (d *Driver) nodeLookup(id string) (*nodeVolume, error) {
 	if err != nil {
 		return nil, err
 	}
-	img, err := p.ImagePath(v.Token())
-	if err != nil {
-		return nil, err
+	nv := &nodeVolume{pool: p, vol: v}
+	if nv.image, nv.imageErr = imageOf(p, v.Token()); nv.imageErr != nil {
+		return nv, nil
 	}
-	nv := &nodeVolume{pool: p, vol: v, image: img}
-	dev, err := d.kernel.Loops.Find(img)
-	switch {
-	case err == nil:
-		nv.dev = dev
-	case errors.Is(err, loop.ErrNotFound):
-	default:
+	if nv.dev, err = d.findDevice(nv.image); err != nil {
 		return nil, fmt.Errorf("looking up the loop device of %s: %w", id, err)
 	}
 	return nv, nil
+}
+
+// imageOf identifies the image of a volume, opened beneath the pool root.
+func imageOf(p *pool.Pool, token string) (pool.ImageID, error) {
+	f, err := p.OpenImage(token, unix.O_PATH)
+	if err != nil {
+		return pool.ImageID{}, err
+	}
+	defer f.Close()
+	return pool.ImageIDOf(f)
+}
+
+// findDevice returns this node's loop device backed by the image, or nil.
+func (d *Driver) findDevice(image pool.ImageID) (*loop.Device, error) {
+	dev, err := d.kernel.Loops.Find(image, d.loopOwner)
+	if errors.Is(err, loop.ErrNotFound) {
+		return nil, nil
+	}
+	return dev, err
+}
+
+// ownDevice returns this node's loop device of a volume, or nil when the
+// volume has none or its image is gone. An image that is not what Spool
+// makes is an error wrapping pool.ErrUntrusted.
+func (d *Driver) ownDevice(p *pool.Pool, token string) (*loop.Device, error) {
+	image, err := imageOf(p, token)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return d.findDevice(image)
+}
+
+// attach attaches the volume's image to a new loop device of this node. The
+// image is opened beneath the pool root and checked again, and the loop
+// device is set up from that descriptor: what was checked is what the
+// kernel gets.
+func (d *Driver) attach(nv *nodeVolume, ro bool) (*loop.Device, error) {
+	if nv.imageErr != nil {
+		return nil, imageError(nv.vol.ID, nv.imageErr)
+	}
+	mode := unix.O_RDWR
+	if ro {
+		mode = unix.O_RDONLY
+	}
+	f, err := nv.pool.OpenImage(nv.vol.Token(), mode)
+	if err != nil {
+		return nil, imageError(nv.vol.ID, err)
+	}
+	defer f.Close()
+	if id, err := pool.ImageIDOf(f); err != nil || id != nv.image {
+		return nil, status.Errorf(codes.Aborted, "the image of volume %s was replaced while it was being attached; retry", nv.vol.ID)
+	}
+	dev, err := d.kernel.Loops.Attach(f, loop.Options{ReadOnly: ro, DirectIO: true, Owner: d.loopOwner})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "attaching %s: %v", nv.vol.ID, err)
+	}
+	return dev, nil
+}
+
+// imageError maps a failure to open a volume's image: an image that is not
+// what Spool makes is FailedPrecondition (an administrator must look at the
+// pool); anything else, a missing image included, is Internal.
+func imageError(id string, err error) error {
+	if errors.Is(err, pool.ErrUntrusted) {
+		return preconditionf("volume %s cannot be used: %v", id, err)
+	}
+	return status.Errorf(codes.Internal, "volume %s: opening its image: %v", id, err)
 }
 
 // lockNodeVolume takes the volume's lock and finds it on this node; the
@@ -241,9 +311,9 @@ func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequ
 		nv.dev = nil
 	}
 	if nv.dev == nil {
-		dev, err := d.kernel.Loops.Attach(nv.image, loop.Options{ReadOnly: ro, DirectIO: true})
+		dev, err := d.attach(nv, ro)
 		if err != nil {
-			return nil, fmt.Errorf("attaching %s: %w", id, err)
+			return nil, err
 		}
 		nv.dev, attached = dev, true
 		klog.V(2).InfoS("Attached loop device", "volumeID", id, "device", dev.Path, "directIO", dev.DirectIO, "readonly", ro)

@@ -6,29 +6,28 @@ import (
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/metrics"
+	"github.com/spool-csi/spool/pkg/pool"
 
 	"k8s.io/klog/v2"
 )
 
-// detachOrphanLoops runs when the node service starts. A loop device backed
-// by an image of one of this process's pools that nothing mounts or binds is
+// detachOrphanLoops runs when the node service starts. A loop device of this
+// node (ownedDevices) that nothing mounts or binds is
 // a leftover of a stage that was interrupted (or of an unstage that crashed
 // between unmount and detach): the CO will stage again, so the device is
 // detached. Devices in use are left alone: pods keep their volumes across a
 // restart of the plugin.
 func (d *Driver) detachOrphanLoops() error {
-	devs, err := d.kernel.Loops.List()
+	devs, err := d.ownedDevices()
 	if err != nil {
-		return fmt.Errorf("listing loop devices: %w", err)
+		return err
 	}
 	mounts, err := d.kernel.Mounter.Mounts()
 	if err != nil {
 		return err
 	}
-	for _, dev := range devs {
-		if !d.ownsImage(dev.BackingFile) {
-			continue
-		}
+	for _, od := range devs {
+		dev := od.Device
 		if users := deviceUsers(mounts, &dev); len(users) > 0 {
 			klog.V(2).InfoS("Keeping loop device in use", "device", dev.Path, "image", dev.BackingFile, "usedAt", users)
 			d.thawIfFrozen(mounts, &dev)
@@ -66,29 +65,61 @@ func (d *Driver) thawIfFrozen(mounts []fs.MountInfo, dev *loop.Device) {
 	}
 }
 
-// ownsImage reports whether file is a volume image of one of this
-// process's pools.
-func (d *Driver) ownsImage(file string) bool {
-	for _, p := range d.pools {
-		if p.IsImage(file) {
-			return true
-		}
-	}
-	return false
+// ownedDevice is a loop device of this node and the volume it backs.
+type ownedDevice struct {
+	loop.Device
+	pool  *pool.Pool
+	token string // "" when the image was deleted
 }
 
-// attachedLoops counts the loop devices backed by images of this process's
-// pools.
-func (d *Driver) attachedLoops() (int, error) {
+// ownedDevices lists the loop devices that belong to this node plugin. A
+// device belongs to it when it carries this node's owner tag or none
+// (loop.Device.OwnedBy), and is backed by the image of a volume of one of
+// its pools, matched by identity (device and inode), not by path: a pool
+// reached through a symlink, or seen at another path by a restarted
+// container, still matches, and a file elsewhere that merely has an
+// image's path never does. A device whose image was deleted belongs to it
+// when it carries this node's tag, or no tag and the path of one of its
+// pools' images.
+func (d *Driver) ownedDevices() ([]ownedDevice, error) {
 	devs, err := d.kernel.Loops.List()
 	if err != nil {
-		return 0, err
+		return nil, fmt.Errorf("listing loop devices: %w", err)
 	}
-	n := 0
-	for _, dev := range devs {
-		if d.ownsImage(dev.BackingFile) {
-			n++
+	type owner struct {
+		pool  *pool.Pool
+		token string
+	}
+	images := map[pool.ImageID]owner{}
+	for _, p := range d.poolList() {
+		for id, tok := range p.Images() {
+			images[id] = owner{p, tok}
 		}
 	}
-	return n, nil
+	var out []ownedDevice
+	for _, dev := range devs {
+		if !dev.OwnedBy(d.loopOwner) {
+			continue
+		}
+		if o, ok := images[pool.ImageID{Dev: dev.BackingDev, Ino: dev.Inode}]; ok {
+			out = append(out, ownedDevice{Device: dev, pool: o.pool, token: o.token})
+			continue
+		}
+		if !dev.Deleted {
+			continue
+		}
+		for _, p := range d.poolList() {
+			if dev.Owner == d.loopOwner || p.IsImage(dev.BackingFile) {
+				out = append(out, ownedDevice{Device: dev, pool: p})
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+// attachedLoops counts the loop devices of this node plugin.
+func (d *Driver) attachedLoops() (int, error) {
+	devs, err := d.ownedDevices()
+	return len(devs), err
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -285,35 +284,33 @@ func (d *Driver) adoptSharedStagings() error {
 	if !d.servesShared() {
 		return nil
 	}
-	devs, err := d.kernel.Loops.List()
+	devs, err := d.ownedDevices()
 	if err != nil {
-		return fmt.Errorf("listing loop devices: %w", err)
+		return err
 	}
-	for _, dev := range devs {
-		for _, p := range d.poolList() {
-			if !p.Shared() || !p.IsImage(dev.BackingFile) {
-				continue
-			}
-			token := filepath.Base(filepath.Dir(dev.BackingFile))
-			v, err := p.Get(token)
-			if err != nil {
-				klog.ErrorS(err, "A loop device of this node is backed by a volume its shared pool no longer has", "device", dev.Path, "image", dev.BackingFile)
-				continue
-			}
-			a, ok := v.AttachmentFor(d.opts.NodeID)
-			if !ok {
-				klog.ErrorS(nil, "Volume staged on this node is no longer attached to it (force-detached while the node plugin was down)", "volumeID", v.ID, "device", dev.Path)
-				d.fences.set(v.ID, 0) // generations start at 1: never matches
-				continue
-			}
-			if !a.Staged {
-				klog.ErrorS(nil, "Volume staged on this node was detached and attached to it again while the node plugin was down: this staging is stale", "volumeID", v.ID, "device", dev.Path, "generation", a.Generation)
-				d.fences.set(v.ID, 0)
-				continue
-			}
-			d.fences.set(v.ID, a.Generation)
-			klog.V(2).InfoS("Watching the attachment of a volume staged before a restart", "volumeID", v.ID, "generation", a.Generation)
+	for _, od := range devs {
+		dev, p, token := od.Device, od.pool, od.token
+		if !p.Shared() {
+			continue
 		}
+		v, err := p.Get(token)
+		if err != nil {
+			klog.ErrorS(err, "A loop device of this node is backed by a volume its shared pool no longer has", "device", dev.Path, "image", dev.BackingFile)
+			continue
+		}
+		a, ok := v.AttachmentFor(d.opts.NodeID)
+		if !ok {
+			klog.ErrorS(nil, "Volume staged on this node is no longer attached to it (force-detached while the node plugin was down)", "volumeID", v.ID, "device", dev.Path)
+			d.fences.set(v.ID, 0) // generations start at 1: never matches
+			continue
+		}
+		if !a.Staged {
+			klog.ErrorS(nil, "Volume staged on this node was detached and attached to it again while the node plugin was down: this staging is stale", "volumeID", v.ID, "device", dev.Path, "generation", a.Generation)
+			d.fences.set(v.ID, 0)
+			continue
+		}
+		d.fences.set(v.ID, a.Generation)
+		klog.V(2).InfoS("Watching the attachment of a volume staged before a restart", "volumeID", v.ID, "generation", a.Generation)
 	}
 	return nil
 }

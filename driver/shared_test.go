@@ -415,8 +415,8 @@ type deniedLoops struct{ *fakeKernel }
 
 var errDenied = errors.New("open /dev/loop0: mknod /dev/loop0: operation not permitted")
 
-func (deniedLoops) Find(string) (*loop.Device, error) { return nil, errDenied }
-func (deniedLoops) List() ([]loop.Device, error)      { return nil, errDenied }
+func (deniedLoops) Find(pool.ImageID, string) (*loop.Device, error) { return nil, errDenied }
+func (deniedLoops) List() ([]loop.Device, error)                    { return nil, errDenied }
 
 // A controller-only process leaves the kernel alone: a snapshot of a shared
 // volume staged elsewhere, and its deletion, never look for a loop device

@@ -14,7 +14,6 @@ import (
 
 	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/fs"
-	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/pkg/volid"
 )
@@ -109,15 +108,12 @@ func (d *Driver) freezeStaged(p *pool.Pool, tokens []string) (func() error, erro
 		return thawAll, err
 	}
 	for _, tok := range tokens {
-		img, err := p.ImagePath(tok)
+		dev, err := d.ownDevice(p, tok)
 		if err != nil {
 			return thawAll, err
 		}
-		dev, err := d.kernel.Loops.Find(img)
-		if errors.Is(err, loop.ErrNotFound) {
+		if dev == nil {
 			continue
-		} else if err != nil {
-			return thawAll, err
 		}
 		for _, m := range mounts {
 			if !fs.IsDeviceMount(m, dev.Path, dev.Rdev) || slices.Contains(m.MountOptions, "ro") {

@@ -106,6 +106,9 @@ type common struct {
 	driverName string
 	endpoint   string
 	verbosity  int
+	// readOnly opens the pools only to read them: nothing is created or
+	// cleaned up (list).
+	readOnly bool
 }
 
 // controller is what the volume commands call: the driver's own handlers,
@@ -221,6 +224,7 @@ func (c *common) open() (controller, error) {
 	specs := make([]pool.Spec, len(c.pools))
 	for i, s := range c.pools {
 		s.Existing = true
+		s.ReadOnly = c.readOnly
 		specs[i] = s
 	}
 	d, err := driver.NewOffline(driver.Options{

@@ -49,6 +49,7 @@ func list(args []string, stdout, stderr io.Writer) error {
 	if err := oneOf("output", output, outTable, outJSON, outHandle); err != nil {
 		return err
 	}
+	c.readOnly = true
 	d, err := c.open()
 	if err != nil {
 		return err

@@ -58,8 +58,21 @@ type result struct {
 // src must be a regular file. After dst has been fsynced its parent directory
 // is fsynced too, so that the new directory entry is durable.
 func Copy(ctx context.Context, src, dst string) (Method, error) {
+	srcFd, err := open(src, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("copy %s to %s: open source: %w", src, dst, err)
+	}
+	f := os.NewFile(uintptr(srcFd), src)
+	defer f.Close()
+	return CopyFrom(ctx, f, dst)
+}
+
+// CopyFrom is Copy from a source file the caller opened (and checked) for
+// reading: what was checked is what gets copied.
+func CopyFrom(ctx context.Context, srcFile *os.File, dst string) (Method, error) {
 	start := time.Now()
-	res, err := copyFile(ctx, src, dst)
+	src := srcFile.Name()
+	res, err := copyFile(ctx, int(srcFile.Fd()), src, dst)
 	if err != nil {
 		return "", err
 	}
@@ -69,16 +82,10 @@ func Copy(ctx context.Context, src, dst string) (Method, error) {
 	return res.method, nil
 }
 
-func copyFile(ctx context.Context, src, dst string) (res result, err error) {
+func copyFile(ctx context.Context, srcFd int, src, dst string) (res result, err error) {
 	if err := ctx.Err(); err != nil {
 		return res, fmt.Errorf("copy %s to %s: %w", src, dst, err)
 	}
-
-	srcFd, err := open(src, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return res, fmt.Errorf("copy %s to %s: open source: %w", src, dst, err)
-	}
-	defer func() { _ = unix.Close(srcFd) }()
 
 	var srcSt unix.Stat_t
 	if err := unix.Fstat(srcFd, &srcSt); err != nil {

@@ -144,7 +144,7 @@ func TestSparseCopy(t *testing.T) {
 	makeSparse(t, src, size, extents)
 
 	start := time.Now()
-	res, err := copyFile(context.Background(), src, dst)
+	res, err := copyPath(t, src, dst)
 	d := time.Since(start)
 	if err != nil {
 		t.Fatal(err)
@@ -210,7 +210,7 @@ func TestSparseCopyNoData(t *testing.T) {
 		src := filepath.Join(dir, "src")
 		dst := filepath.Join(dir, "dst")
 		makeSparse(t, src, size, nil)
-		res, err := copyFile(context.Background(), src, dst)
+		res, err := copyPath(t, src, dst)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -233,7 +233,7 @@ func TestSparseCopyLargeExtent(t *testing.T) {
 	extents := []extent{{7 * mib, data}}
 	size := int64(100 * mib)
 	makeSparse(t, src, size, extents)
-	res, err := copyFile(context.Background(), src, dst)
+	res, err := copyPath(t, src, dst)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +264,7 @@ func TestSparseCopyReadWriteFallback(t *testing.T) {
 	extents := []extent{{0, randomBytes(6, 3*mib+5)}, {20 * mib, randomBytes(7, mib)}, {size - 1, []byte{0x5a}}}
 	makeSparse(t, src, size, extents)
 
-	res, err := copyFile(context.Background(), src, dst)
+	res, err := copyPath(t, src, dst)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -523,4 +523,15 @@ func fileSHA256(t *testing.T, path string) [sha256.Size]byte {
 	var sum [sha256.Size]byte
 	copy(sum[:], h.Sum(nil))
 	return sum
+}
+
+// copyPath opens src and copies it with copyFile, reporting what it did.
+func copyPath(t *testing.T, src, dst string) (result, error) {
+	t.Helper()
+	f, err := os.Open(src)
+	if err != nil {
+		return result{}, err
+	}
+	defer f.Close()
+	return copyFile(context.Background(), int(f.Fd()), src, dst)
 }

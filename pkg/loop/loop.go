@@ -43,13 +43,32 @@ type Device struct {
 	Rdev        uint64 // the loop block device's own dev_t, for matching against /proc/self/mountinfo
 	ReadOnly    bool
 	DirectIO    bool
+	// Owner is the owner tag given at attach (Options.Owner), read back
+	// from lo_file_name; empty for a device attached without one.
+	Owner string
 }
 
 // Options control how Attach sets up a device.
 type Options struct {
 	ReadOnly bool
 	DirectIO bool
+	// Owner tags the device with who attached it, in lo_file_name (which
+	// the kernel keeps for the device's life and shows nothing else by;
+	// losetup reads the backing file from sysfs). Two node plugins that
+	// share one kernel tell their devices apart by it. At most 50 bytes of
+	// letters, digits, '-', '_' and '.'.
+	Owner string
 }
+
+// ownerPrefix marks an owner tag in lo_file_name.
+const ownerPrefix = "spool-owner:"
+
+var ownerRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,50}$`)
+
+// OwnedBy reports whether the device belongs to owner: it carries owner's
+// tag, or no tag at all (attached by hand, or by a version of Spool that
+// did not tag its devices).
+func (d *Device) OwnedBy(owner string) bool { return d.Owner == "" || d.Owner == owner }
 
 var (
 	// ErrNotFound means no loop device is attached to the file, or the
@@ -125,10 +144,6 @@ func Attach(backingFile string, opts Options) (*Device, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", backingFile, err)
 	}
-
-	// The file is opened here and handed to the kernel by fd, so the checks
-	// below are about exactly the file that gets attached. The kernel takes
-	// its own reference; ours is closed on return.
 	mode := unix.O_RDWR
 	if opts.ReadOnly {
 		mode = unix.O_RDONLY
@@ -137,14 +152,27 @@ func Attach(backingFile string, opts Options) (*Device, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attach: open %s: %w", abs, err)
 	}
-	defer unix.Close(fd)
+	f := os.NewFile(uintptr(fd), abs)
+	defer f.Close()
+	return AttachFile(f, opts)
+}
 
+// AttachFile attaches the open file f, which must be a regular file opened
+// for reading (and for writing unless opts.ReadOnly), as Attach does. The
+// file is handed to the kernel by descriptor, so the caller's checks of f
+// hold for exactly what gets attached; the kernel takes its own reference.
+func AttachFile(f *os.File, opts Options) (*Device, error) {
+	abs := f.Name()
+	if opts.Owner != "" && !ownerRE.MatchString(opts.Owner) {
+		return nil, fmt.Errorf("attach %s: invalid owner tag %q", abs, opts.Owner)
+	}
+	fd := int(f.Fd())
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, fmt.Errorf("attach: stat %s: %w", abs, err)
 	}
-	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFBLK {
-		return nil, fmt.Errorf("attach %s: not a regular file or block device", abs)
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, fmt.Errorf("attach %s: not a regular file", abs)
 	}
 	id := fileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}
 
@@ -155,7 +183,7 @@ func Attach(backingFile string, opts Options) (*Device, error) {
 	unlock := lockFile(id)
 	defer unlock()
 
-	existing, err := findByID(id)
+	existing, err := findByID(id, opts.Owner)
 	switch {
 	case err == nil:
 		klog.V(4).InfoS("File already attached to loop device", "backingFile", abs, "device", existing.Path)
@@ -180,7 +208,11 @@ func Attach(backingFile string, opts Options) (*Device, error) {
 	if opts.DirectIO {
 		cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
 	}
-	setFileName(&cfg.Info, abs)
+	if opts.Owner != "" {
+		setFileName(&cfg.Info, ownerPrefix+opts.Owner)
+	} else {
+		setFileName(&cfg.Info, abs)
+	}
 
 	var lastErr error
 	for try := 0; try < attachTries; try++ {
@@ -273,20 +305,32 @@ func Find(backingFile string) (*Device, error) {
 		}
 		return nil, fmt.Errorf("find %s: %w", backingFile, err)
 	}
-	d, err := findByID(fileID{dev: uint64(st.Dev), ino: uint64(st.Ino)})
+	d, err := findByID(fileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, "")
 	if err != nil {
 		return nil, fmt.Errorf("find %s: %w", backingFile, err)
 	}
 	return d, nil
 }
 
-func findByID(id fileID) (*Device, error) {
+// FindOwned returns the device of owner (see Device.OwnedBy) backed by the
+// file with this device and inode number, or an error wrapping ErrNotFound.
+func FindOwned(dev, ino uint64, owner string) (*Device, error) {
+	d, err := findByID(fileID{dev: dev, ino: ino}, owner)
+	if err != nil {
+		return nil, fmt.Errorf("find device of inode %d on %d:%d: %w", ino, unix.Major(dev), unix.Minor(dev), err)
+	}
+	return d, nil
+}
+
+// findByID finds the device backed by the file id; with an owner, only a
+// device that owner owns.
+func findByID(id fileID, owner string) (*Device, error) {
 	devs, err := List()
 	if err != nil {
 		return nil, err
 	}
 	for i := range devs {
-		if devs[i].BackingDev == id.dev && devs[i].Inode == id.ino {
+		if devs[i].BackingDev == id.dev && devs[i].Inode == id.ino && (owner == "" || devs[i].OwnedBy(owner)) {
 			return &devs[i], nil
 		}
 	}
@@ -365,6 +409,9 @@ func deviceFromFd(fd int) (*Device, error) {
 		Rdev:       uint64(st.Rdev),
 		ReadOnly:   info.Flags&unix.LO_FLAGS_READ_ONLY != 0,
 		DirectIO:   info.Flags&unix.LO_FLAGS_DIRECT_IO != 0,
+	}
+	if tag, ok := strings.CutPrefix(unix.ByteSliceToString(info.File_name[:]), ownerPrefix); ok {
+		d.Owner = tag
 	}
 	d.BackingFile, d.Deleted, err = backingFile(d.Rdev, info)
 	if err != nil {

@@ -77,7 +77,7 @@ func (p *Pool) Capacity() (Capacity, error) {
 func (p *Pool) allocated(token string) int64 {
 	var n int64
 	for _, f := range []string{imageFile, metaFile} {
-		fi, err := os.Stat(p.volumeDir(token) + "/" + f)
+		fi, err := os.Lstat(p.volumeDir(token) + "/" + f)
 		if err != nil {
 			continue
 		}

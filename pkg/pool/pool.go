@@ -73,6 +73,9 @@ type Spec struct {
 	// ID, when set, is the pool ID (from Init) the directory must hold: the
 	// check that the right share is mounted.
 	ID string
+	// ReadOnly opens an existing pool to read it (spool volume list): Open
+	// creates no directory, cleans up no leftover and writes nothing.
+	ReadOnly bool
 	// NodeOnly marks a process that only stages volumes of a shared pool
 	// (spool --mode=node): it leaves cleanup to the controllers and does not
 	// take their lock.
@@ -162,6 +165,7 @@ type Pool struct {
 	lock     *os.File
 	shared   bool
 	id       string // the pool ID in the identity file
+	readOnly bool   // Spec.ReadOnly
 
 	mu          sync.Mutex
 	vols        map[string]*Volume // token -> volume
@@ -186,7 +190,7 @@ func Open(spec Spec, node string) (*Pool, error) {
 		return nil, fmt.Errorf("pool %s: directory %q is not absolute", spec.Name, spec.Dir)
 	}
 	p := &Pool{
-		name: spec.Name, root: filepath.Clean(spec.Dir), node: node, capLimit: spec.Capacity,
+		name: spec.Name, root: filepath.Clean(spec.Dir), node: node, capLimit: spec.Capacity, readOnly: spec.ReadOnly,
 		vols: map[string]*Volume{}, names: map[string]string{}, pending: map[string]bool{}, busy: map[string]bool{},
 		snapIndex: newSnapIndex(),
 	}
@@ -203,12 +207,14 @@ func Open(spec Spec, node string) (*Pool, error) {
 			return nil, err
 		}
 	}
-	if err := os.MkdirAll(p.root, 0o750); err != nil {
-		return nil, fmt.Errorf("pool %s: creating %s: %w", p.name, p.root, err)
+	if !spec.ReadOnly {
+		if err := os.MkdirAll(p.root, 0o750); err != nil {
+			return nil, fmt.Errorf("pool %s: creating %s: %w", p.name, p.root, err)
+		}
 	}
-	lf, err := os.OpenFile(filepath.Join(p.root, lockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	lf, err := p.openLock()
 	if err != nil {
-		return nil, fmt.Errorf("pool %s: opening lock file: %w", p.name, err)
+		return nil, err
 	}
 	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		_ = lf.Close()
@@ -232,11 +238,19 @@ func (p *Pool) open() error {
 // load makes the pool's directories, empties its scratch directories when
 // clean is set, and loads the index.
 func (p *Pool) load(clean bool) error {
-	for _, d := range []string{volumesDir, snapshotsDir, groupsDir, tmpDir, trashDir} {
-		if err := os.MkdirAll(filepath.Join(p.root, d), 0o750); err != nil {
+	own := []string{volumesDir, snapshotsDir, groupsDir, tmpDir, trashDir}
+	if err := p.checkOwnDirs(own...); err != nil {
+		return fmt.Errorf("%w: remove or fix it before serving the pool", err)
+	}
+	for _, d := range own {
+		if p.readOnly {
+			break
+		}
+		if err := os.Mkdir(filepath.Join(p.root, d), 0o750); err != nil && !errors.Is(err, os.ErrExist) {
 			return fmt.Errorf("pool %s: creating %s: %w", p.name, d, err)
 		}
 	}
+	clean = clean && !p.readOnly
 	if clean {
 		for _, d := range []string{tmpDir, trashDir} {
 			if err := p.emptyDir(d); err != nil {
@@ -302,15 +316,19 @@ func (p *Pool) checkExists() error {
 // emptyDir removes leftovers of interrupted operations inside one of the
 // pool's own scratch directories.
 func (p *Pool) emptyDir(dir string) error {
-	full := filepath.Join(p.root, dir)
-	entries, err := os.ReadDir(full)
+	f, err := p.openBeneath(dir, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return fmt.Errorf("pool %s: opening %s: %w", p.name, dir, err)
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
 	if err != nil {
 		return fmt.Errorf("pool %s: reading %s: %w", p.name, dir, err)
 	}
-	for _, e := range entries {
-		klog.InfoS("Removing leftover of an interrupted operation", "pool", p.name, "path", filepath.Join(dir, e.Name()))
-		if err := os.RemoveAll(filepath.Join(full, e.Name())); err != nil {
-			return fmt.Errorf("pool %s: removing %s: %w", p.name, e.Name(), err)
+	for _, n := range names {
+		klog.InfoS("Removing leftover of an interrupted operation", "pool", p.name, "path", filepath.Join(dir, n))
+		if err := removeAt(int(f.Fd()), n, removeDepth); err != nil {
+			return fmt.Errorf("pool %s: removing %s: %w", p.name, filepath.Join(dir, n), err)
 		}
 	}
 	return nil
@@ -345,20 +363,41 @@ func (p *Pool) loadIndex() error {
 }
 
 func (p *Pool) readMeta(token string) (*Volume, error) {
-	data, err := os.ReadFile(filepath.Join(p.volumeDir(token), metaFile))
+	data, err := p.readBeneath(filepath.Join(volumesDir, token, metaFile))
 	if err != nil {
 		return nil, err
 	}
 	v := &Volume{}
 	if err := json.Unmarshal(data, v); err != nil {
-		return nil, fmt.Errorf("parsing %s of %s: %w", metaFile, token, err)
+		return nil, fmt.Errorf("parsing %s of %s: %w: %w", metaFile, token, ErrUntrusted, err)
 	}
 	id, err := volid.ParseKind(v.ID, volid.KindVolume)
 	if err != nil || id.Token != token || id.Pool != p.name {
-		return nil, fmt.Errorf("volume %s: metadata names ID %q", token, v.ID)
+		return nil, fmt.Errorf("volume %s: %w: metadata names ID %q", token, ErrUntrusted, v.ID)
+	}
+	if err := v.validate(); err != nil {
+		return nil, fmt.Errorf("volume %s: %w: %w", token, ErrUntrusted, err)
 	}
 	v.token = token
 	return v, nil
+}
+
+// openLock opens the pool's lock file, which must be a regular file of the
+// pool (a link there made Open create a file wherever it pointed).
+func (p *Pool) openLock() (*os.File, error) {
+	flags := unix.O_RDWR | unix.O_CREAT
+	if p.readOnly {
+		flags = unix.O_RDONLY
+	}
+	f, err := p.openBeneath(lockFile, flags)
+	if err != nil {
+		return nil, fmt.Errorf("pool %s: opening lock file: %w", p.name, err)
+	}
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		_ = f.Close()
+		return nil, fmt.Errorf("pool %s: %s: %w (not a regular file)", p.name, lockFile, ErrUntrusted)
+	}
+	return f, nil
 }
 
 // Close releases the pool lock.

@@ -88,12 +88,12 @@ func (p *Pool) openShared(spec Spec) error {
 	if spec.ID != "" && spec.ID != p.id {
 		return fmt.Errorf("pool %s: %s holds pool ID %s, not the configured %s: is the right share mounted there?", p.name, p.root, p.id, spec.ID)
 	}
-	if spec.NodeOnly {
+	if spec.NodeOnly || spec.ReadOnly {
 		return p.load(false)
 	}
-	lf, err := os.OpenFile(filepath.Join(p.root, lockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	lf, err := p.openLock()
 	if err != nil {
-		return fmt.Errorf("pool %s: opening lock file: %w", p.name, err)
+		return err
 	}
 	p.lock = lf
 	alone := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil

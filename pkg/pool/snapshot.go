@@ -11,6 +11,7 @@ import (
 	"sort"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -124,7 +125,12 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 		CreatedAt: time.Now().UTC(), GroupID: req.GroupID, AccessType: src.AccessType, FSType: src.FSType,
 		token: id.Token}
 	start := time.Now()
-	if err := p.buildSnapshot(ctx, &s, filepath.Join(p.volumeDir(src.token), imageFile)); err != nil {
+	srcImage, err := p.OpenImage(src.token, unix.O_RDONLY)
+	if err != nil {
+		return Snapshot{}, false, fmt.Errorf("volume %s: %w", src.ID, err)
+	}
+	defer srcImage.Close()
+	if err := p.buildSnapshot(ctx, &s, srcImage); err != nil {
 		var taken errNameTaken
 		if errors.As(err, &taken) {
 			klog.InfoS("Another controller created the snapshot first; returning it", "pool", p.name, "name", req.Name)
@@ -141,7 +147,7 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 	return s, true, nil
 }
 
-func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage string) (err error) {
+func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage *os.File) (err error) {
 	tmp := filepath.Join(p.root, tmpDir, "snap-"+s.token)
 	if err := os.Mkdir(tmp, 0o750); err != nil {
 		return fmt.Errorf("creating %s: %w", tmp, err)
@@ -152,7 +158,7 @@ func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage string) 
 		}
 	}()
 	img := filepath.Join(tmp, imageFile)
-	method, err := imagecopy.Copy(ctx, srcImage, img)
+	method, err := imagecopy.CopyFrom(ctx, srcImage, img)
 	if err != nil {
 		return fmt.Errorf("copying %s: %w", s.SourceVolumeID, err)
 	}
@@ -262,14 +268,18 @@ func (p *Pool) removeSnapshot(token string) error {
 // trash moves dir into .trash (durably: from then on a crash leaves only
 // trash that Open removes) and removes it.
 func (p *Pool) trash(dir, name string) error {
-	dst := filepath.Join(p.root, trashDir, name)
-	if err := os.Rename(dir, dst); err != nil {
+	dst := filepath.Join(trashDir, name)
+	rel, err := filepath.Rel(p.root, dir)
+	if err != nil {
+		return fmt.Errorf("pool %s: %s is not in the pool: %w", p.name, dir, err)
+	}
+	if err := p.renameBeneath(rel, dst); err != nil {
 		return fmt.Errorf("moving %s to trash: %w", dir, err)
 	}
 	if err := syncDir(filepath.Dir(dir)); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(dst); err != nil {
+	if err := p.removeBeneath(dst); err != nil {
 		klog.ErrorS(err, "Could not remove deleted files; the next start will", "pool", p.name, "path", dst)
 	}
 	return nil
@@ -407,7 +417,10 @@ func (p *Pool) loadSnapshots(clean bool) error {
 			return err
 		}
 		if id, err := volid.ParseKind(s.ID, volid.KindSnapshot); err != nil || id.Token != tok {
-			return fmt.Errorf("metadata names ID %q", s.ID)
+			return fmt.Errorf("%w: metadata names ID %q", ErrUntrusted, s.ID)
+		}
+		if err := s.validate(); err != nil {
+			return fmt.Errorf("%w: %w", ErrUntrusted, err)
 		}
 		s.token = tok
 		if s.GroupID != "" && !groupIDs[s.GroupID] {
@@ -452,7 +465,7 @@ func (p *Pool) loadDir(dir, meta string, load func(token string, data []byte) er
 			klog.InfoS("Ignoring unknown entry in pool", "pool", p.name, "entry", filepath.Join(dir, e.Name()))
 			continue
 		}
-		data, err := os.ReadFile(filepath.Join(p.root, dir, e.Name(), meta))
+		data, err := p.readBeneath(filepath.Join(dir, e.Name(), meta))
 		if err == nil {
 			err = load(e.Name(), data)
 		}

@@ -188,7 +188,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 		AccessType: req.AccessType, FSType: req.FSType, Parameters: maps.Clone(req.Parameters),
 		CreatedAt: time.Now().UTC(), Ephemeral: req.Ephemeral, token: id.Token,
 	}
-	var srcImage string
+	var srcImage *os.File
 	switch req.SourceKind {
 	case "":
 	case SourceSnapshot, SourceVolume:
@@ -196,6 +196,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 		if err != nil {
 			return Volume{}, false, err
 		}
+		defer image.Close()
 		if src.size > req.CapacityBytes {
 			return Volume{}, false, status.Errorf(codes.OutOfRange, "%s %s holds %s, more than the %s asked for", req.SourceKind, src.id, size.Format(src.size), size.Format(req.CapacityBytes))
 		}
@@ -223,8 +224,9 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 }
 
 // build makes the volume under .tmp, as a new image or as a copy of
-// srcImage, and renames it into volumes/ once it is whole and durable.
-func (p *Pool) build(ctx context.Context, v *Volume, srcImage string) (err error) {
+// srcImage (nil: a new image), and renames it into volumes/ once it is whole
+// and durable.
+func (p *Pool) build(ctx context.Context, v *Volume, srcImage *os.File) (err error) {
 	tmp := filepath.Join(p.root, tmpDir, v.token)
 	if err := os.Mkdir(tmp, 0o750); err != nil {
 		return fmt.Errorf("creating %s: %w", tmp, err)
@@ -235,7 +237,7 @@ func (p *Pool) build(ctx context.Context, v *Volume, srcImage string) (err error
 		}
 	}()
 	img := filepath.Join(tmp, imageFile)
-	if srcImage == "" {
+	if srcImage == nil {
 		err = makeImage(img, v.CapacityBytes, v.Provisioning)
 	} else {
 		err = copyImage(ctx, srcImage, img, v)
@@ -252,8 +254,8 @@ func (p *Pool) build(ctx context.Context, v *Volume, srcImage string) (err error
 }
 
 // copyImage copies srcImage to path and grows the copy to the volume's size.
-func copyImage(ctx context.Context, srcImage, path string, v *Volume) error {
-	method, err := imagecopy.Copy(ctx, srcImage, path)
+func copyImage(ctx context.Context, srcImage *os.File, path string, v *Volume) error {
+	method, err := imagecopy.CopyFrom(ctx, srcImage, path)
 	if err != nil {
 		return fmt.Errorf("copying %s: %w", v.Source.ID, err)
 	}
@@ -261,13 +263,18 @@ func copyImage(ctx context.Context, srcImage, path string, v *Volume) error {
 	return resizeImage(path, v.CapacityBytes, v.Provisioning)
 }
 
-// resizeImage grows an image to n bytes; thick images get the new range
-// preallocated.
+// resizeImage grows the image at path, which this process just made, to n
+// bytes; thick images get the new range preallocated.
 func resizeImage(path string, n int64, prov Provisioning) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return fmt.Errorf("opening image: %w", err)
 	}
+	return resizeFile(f, n, prov)
+}
+
+// resizeFile grows the open image f (and closes it).
+func resizeFile(f *os.File, n int64, prov Provisioning) error {
 	defer func() { _ = f.Close() }()
 	if err := sizeFile(f, n, prov); err != nil {
 		return err
@@ -445,8 +452,8 @@ func (p *Pool) DeleteVolume(token string) error {
 	}
 
 	// Rename first: from here on a crash leaves only trash that Open removes.
-	trash := filepath.Join(p.root, trashDir, token)
-	if err := os.Rename(p.volumeDir(token), trash); err != nil {
+	trash := filepath.Join(trashDir, token)
+	if err := p.renameBeneath(filepath.Join(volumesDir, token), trash); err != nil {
 		return fmt.Errorf("moving volume %s to trash: %w", v.ID, err)
 	}
 	if err := syncDir(filepath.Join(p.root, volumesDir)); err != nil {
@@ -460,7 +467,7 @@ func (p *Pool) DeleteVolume(token string) error {
 		delete(p.names, v.Name)
 	}
 	p.mu.Unlock()
-	if err := os.RemoveAll(trash); err != nil {
+	if err := p.removeBeneath(trash); err != nil {
 		// The volume is gone for every caller; Open will finish the job.
 		klog.ErrorS(err, "Could not remove deleted volume's files", "pool", p.name, "path", trash)
 	}
@@ -483,7 +490,7 @@ func (p *Pool) ExpandVolume(token string, n int64) (Volume, error) {
 	defer release()
 	// Image first, then metadata: a crash in between leaves an image larger
 	// than recorded, which the CO's retry of the expansion records.
-	if err := resizeImage(filepath.Join(p.volumeDir(token), imageFile), n, v.Provisioning); err != nil {
+	if err := p.resizeVolumeImage(token, n, v.Provisioning); err != nil {
 		return Volume{}, err
 	}
 	faults.Point("expand-image-grown")
@@ -507,7 +514,7 @@ func (p *Pool) SetProvisioning(token string, prov Provisioning) (Volume, error) 
 		return v, err
 	}
 	if prov == Thick {
-		if err := resizeImage(filepath.Join(p.volumeDir(token), imageFile), v.CapacityBytes, Thick); err != nil {
+		if err := p.resizeVolumeImage(token, v.CapacityBytes, Thick); err != nil {
 			return Volume{}, err
 		}
 	}
@@ -527,24 +534,43 @@ func (p *Pool) ClearNewFilesystemID(token string) error {
 	return err
 }
 
+// resizeVolumeImage grows the image of a volume, opened beneath the pool
+// root and checked (OpenImage).
+func (p *Pool) resizeVolumeImage(token string, n int64, prov Provisioning) error {
+	f, err := p.OpenImage(token, unix.O_RDWR)
+	if err != nil {
+		return err
+	}
+	return resizeFile(f, n, prov)
+}
+
 // source is what a new volume is copied from.
 type source struct {
 	id   string
 	size int64
 }
 
-// sourceFor finds the snapshot or volume to copy and its image.
-func (p *Pool) sourceFor(kind, token string) (source, string, error) {
+// sourceFor finds the snapshot or volume to copy and opens its image for
+// reading, beneath the pool root and checked like every image.
+func (p *Pool) sourceFor(kind, token string) (source, *os.File, error) {
+	var src source
+	rel := filepath.Join(volumesDir, token, imageFile)
 	if kind == SourceSnapshot {
 		s, err := p.GetSnapshot(token)
 		if err != nil {
-			return source{}, "", err
+			return source{}, nil, err
 		}
-		return source{id: s.ID, size: s.SizeBytes}, filepath.Join(p.snapshotDir(token), imageFile), nil
+		src, rel = source{id: s.ID, size: s.SizeBytes}, filepath.Join(snapshotsDir, token, imageFile)
+	} else {
+		v, err := p.Get(token)
+		if err != nil {
+			return source{}, nil, err
+		}
+		src = source{id: v.ID, size: v.CapacityBytes}
 	}
-	v, err := p.Get(token)
+	f, err := p.openImage(rel, unix.O_RDONLY)
 	if err != nil {
-		return source{}, "", err
+		return source{}, nil, fmt.Errorf("%s %s: %w", kind, src.id, err)
 	}
-	return source{id: v.ID, size: v.CapacityBytes}, filepath.Join(p.volumeDir(token), imageFile), nil
+	return src, f, nil
 }
