@@ -57,7 +57,29 @@ type Options struct {
 	// MetricsAddress is the TCP address to serve Prometheus metrics on
 	// (host:port); empty serves none.
 	MetricsAddress string
+	// Ephemeral limits what pod authors may ask of CSI ephemeral inline
+	// volumes.
+	Ephemeral EphemeralLimits
 }
+
+// EphemeralLimits are the operator's limits on CSI ephemeral inline
+// volumes. Their attributes come from the pod spec, which any pod author
+// writes: without limits, one pod could fill the node's pool.
+type EphemeralLimits struct {
+	// MaxSize is the largest size attribute accepted; 0 means
+	// DefaultEphemeralMaxSize.
+	MaxSize int64
+	// Pools are the pools ephemeral volumes may use; empty means the
+	// first pool only.
+	Pools []string
+	// AllowThick lets the pod spec ask for provisioning: thick (every
+	// byte allocated at once). Off by default.
+	AllowThick bool
+}
+
+// DefaultEphemeralMaxSize is the default cap on an ephemeral volume's size:
+// the default size of a volume.
+const DefaultEphemeralMaxSize = DefaultVolumeSize
 
 // Validate checks the options and fills in defaults.
 func (o *Options) Validate() error { return o.validate(true) }
@@ -96,6 +118,20 @@ func (o *Options) validate(served bool) error {
 	}
 	if o.MaxVolumesPerNode < 0 {
 		errs = append(errs, errors.New("--max-volumes-per-node must not be negative"))
+	}
+	if o.Ephemeral.MaxSize < 0 {
+		errs = append(errs, errors.New("--ephemeral-max-size must not be negative"))
+	}
+	if o.Ephemeral.MaxSize == 0 {
+		o.Ephemeral.MaxSize = DefaultEphemeralMaxSize
+	}
+	for _, name := range o.Ephemeral.Pools {
+		if !seen[name] {
+			errs = append(errs, fmt.Errorf("--ephemeral-pools: %q is not a configured pool", name))
+		}
+	}
+	if len(o.Ephemeral.Pools) == 0 && len(o.Pools) > 0 {
+		o.Ephemeral.Pools = []string{o.Pools[0].Name}
 	}
 	if o.Version == "" {
 		errs = append(errs, errors.New("version must not be empty"))

@@ -99,6 +99,9 @@ func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolum
 	if !ok {
 		return nil, invalidf("pool %q is not served here (pools: %v)", attrs.pool, d.poolOrder)
 	}
+	if err := d.checkEphemeralLimits(p, attrs); err != nil {
+		return nil, err
+	}
 	if p.Shared() {
 		return nil, invalidf("pool %s is shared: inline ephemeral volumes live and die with a pod on one node, so they need a local pool", p.Name())
 	}
@@ -165,6 +168,32 @@ func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolum
 	}
 	klog.V(2).InfoS("Published ephemeral volume", "volumeID", id, "pool", p.Name(), "spoolID", v.ID, "bytes", v.CapacityBytes, "target", target)
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// checkEphemeralLimits applies the operator's limits to what a pod spec asks
+// (see EphemeralLimits), and counts the volume toward the node's attach
+// limit like any other.
+func (d *Driver) checkEphemeralLimits(p *pool.Pool, attrs ephemeralAttrs) error {
+	lim := d.opts.Ephemeral
+	if !slices.Contains(lim.Pools, p.Name()) {
+		return invalidf("ephemeral volumes may use pools %v, not %s (--ephemeral-pools)", lim.Pools, p.Name())
+	}
+	if attrs.size > lim.MaxSize {
+		return invalidf("ephemeral volume size %s is larger than this node allows (%s, --ephemeral-max-size)", size.Format(attrs.size), size.Format(lim.MaxSize))
+	}
+	if attrs.provisioning == pool.Thick && !lim.AllowThick {
+		return invalidf("ephemeral volumes are thin on this node: provisioning: thick needs --ephemeral-allow-thick")
+	}
+	if max := d.opts.MaxVolumesPerNode; max > 0 {
+		n, err := d.attachedLoops()
+		if err != nil {
+			return status.Errorf(codes.Internal, "counting this node's volumes: %v", err)
+		}
+		if int64(n) >= max {
+			return status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes attached, its limit (--max-volumes-per-node)", d.opts.NodeID, n)
+		}
+	}
+	return nil
 }
 
 // failEphemeral undoes a half-made ephemeral publish and returns err.

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"k8s.io/klog/v2"
@@ -16,6 +17,7 @@ import (
 	"github.com/spool-csi/spool/driver"
 	"github.com/spool-csi/spool/pkg/cli"
 	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/size"
 	"github.com/spool-csi/spool/pkg/version"
 )
 
@@ -39,6 +41,9 @@ func main() {
 	flag.StringVar(&mode, "mode", string(driver.ModeAll), "services to serve: all, controller or node")
 	flag.StringVar(&opts.DriverName, "driver-name", driver.DefaultDriverName, "CSI driver name")
 	flag.Int64Var(&opts.MaxVolumesPerNode, "max-volumes-per-node", 0, "volumes that may be attached to one node (0: no limit)")
+	flag.Var(sizeFlag{&opts.Ephemeral.MaxSize}, "ephemeral-max-size", "largest size a pod spec may ask of an ephemeral inline volume (default 1Gi)")
+	flag.Var(listFlag{&opts.Ephemeral.Pools}, "ephemeral-pools", "comma-separated pools ephemeral inline volumes may use (default: the first pool)")
+	flag.BoolVar(&opts.Ephemeral.AllowThick, "ephemeral-allow-thick", false, "let a pod spec ask for provisioning: thick in an ephemeral inline volume")
 	flag.StringVar(&opts.MetricsAddress, "metrics-address", "", "serve Prometheus metrics at http://ADDRESS/metrics (host:port, e.g. :9808); empty: off")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Usage = func() {
@@ -73,4 +78,43 @@ func run(opts driver.Options) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	return d.Run(ctx)
+}
+
+// sizeFlag is a flag holding a size such as 1Gi.
+type sizeFlag struct{ n *int64 }
+
+func (f sizeFlag) String() string {
+	if f.n == nil || *f.n == 0 {
+		return ""
+	}
+	return size.Format(*f.n)
+}
+
+func (f sizeFlag) Set(s string) error {
+	n, err := size.Parse(s)
+	if err != nil {
+		return err
+	}
+	*f.n = n
+	return nil
+}
+
+// listFlag is a flag holding a comma-separated list.
+type listFlag struct{ l *[]string }
+
+func (f listFlag) String() string {
+	if f.l == nil {
+		return ""
+	}
+	return strings.Join(*f.l, ",")
+}
+
+func (f listFlag) Set(s string) error {
+	*f.l = nil
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			*f.l = append(*f.l, e)
+		}
+	}
+	return nil
 }

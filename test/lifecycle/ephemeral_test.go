@@ -8,7 +8,9 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
 
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 )
 
@@ -108,5 +110,55 @@ func TestEphemeralCleanupAtStart(t *testing.T) {
 	}
 	if _, err := os.Stat(target); !os.IsNotExist(err) {
 		t.Fatalf("target still exists: %v", err)
+	}
+}
+
+// The pod spec is untrusted: an ephemeral volume's size, pool and
+// provisioning stay within the operator's limits, and ephemeral volumes
+// count toward the node's attach limit. A refused publish leaves nothing.
+func TestEphemeralLimits(t *testing.T) {
+	e := newEnv(t)
+	e.shutdown()
+	e.opts.Pools = append(e.opts.Pools, pool.Spec{Name: "second", Dir: filepath.Join(e.dir, "second")})
+	e.opts.MaxVolumesPerNode = 2
+	e.start()
+	c := ctx(t)
+	// One ordinary staged volume already counts.
+	v, err := e.c.Create(c, "ordinary", 16<<20, csiclient.MountCap("ext4"), nil, node, e.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cleanupVolume(v)
+	if err := e.c.StageAndPublish(c, v); err != nil {
+		t.Fatal(err)
+	}
+	before := e.volumeCount()
+	for name, attrs := range map[string]map[string]string{
+		"too large":    {"size": "2Gi"},
+		"thick":        {"size": "16Mi", "provisioning": "thick"},
+		"other pool":   {"size": "16Mi", "pool": "second"},
+		"huge":         {"size": "1Ei"},
+		"default pool": {"size": "16Mi", "pool": "default", "provisioning": "thick"},
+	} {
+		target := filepath.Join(e.dir, "limit-target")
+		_, err := e.c.NodePublishVolume(c, ephemeralPublish("csi-limit", target, attrs))
+		wantCode(t, "ephemeral "+name, err, codes.InvalidArgument)
+		if _, err := os.Lstat(target); err == nil {
+			t.Errorf("ephemeral %s: the refused publish left %s", name, target)
+		}
+	}
+	// Within the limits: the first fits, the second exceeds the node's
+	// attach limit (the ordinary volume holds one of two).
+	t1 := filepath.Join(e.dir, "eph-1")
+	if _, err := e.c.NodePublishVolume(c, ephemeralPublish("csi-eph-1", t1, map[string]string{"size": "16Mi"})); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = e.c.NodeUnpublishVolume(ctx(t), &csi.NodeUnpublishVolumeRequest{VolumeId: "csi-eph-1", TargetPath: t1})
+	})
+	_, err = e.c.NodePublishVolume(c, ephemeralPublish("csi-eph-2", filepath.Join(e.dir, "eph-2"), map[string]string{"size": "16Mi"}))
+	wantCode(t, "ephemeral volume beyond --max-volumes-per-node", err, codes.ResourceExhausted)
+	if got := e.volumeCount(); got != before+1 {
+		t.Fatalf("%d volumes after one accepted and six refused ephemeral publishes, want %d", got, before+1)
 	}
 }

@@ -82,8 +82,12 @@ func (te *tamperEnv) replace(name string, plant func(path string) error) {
 func TestTamperedImage(t *testing.T) {
 	secret := "sentinel a/secret"
 	for name, plant := range map[string]func(te *tamperEnv) func(string) error{
-		"symlink":   func(te *tamperEnv) func(string) error { return func(p string) error { return os.Symlink(filepath.Join(te.sentinel, "a", "secret"), p) } },
-		"hard link": func(te *tamperEnv) func(string) error { return func(p string) error { return os.Link(filepath.Join(te.sentinel, "a", "secret"), p) } },
+		"symlink": func(te *tamperEnv) func(string) error {
+			return func(p string) error { return os.Symlink(filepath.Join(te.sentinel, "a", "secret"), p) }
+		},
+		"hard link": func(te *tamperEnv) func(string) error {
+			return func(p string) error { return os.Link(filepath.Join(te.sentinel, "a", "secret"), p) }
+		},
 		"device": func(te *tamperEnv) func(string) error {
 			return func(p string) error { return unix.Mknod(p, unix.S_IFCHR|0o600, int(unix.Mkdev(1, 3))) }
 		},
@@ -99,7 +103,7 @@ func TestTamperedImage(t *testing.T) {
 				t.Errorf("CreateSnapshot of a tampered image succeeded: %v", s.GetSnapshot().GetSnapshotId())
 			}
 			_, err = te.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "stolen-clone", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20},
-				VolumeCapabilities: []*csi.VolumeCapability{te.vol.Cap},
+				VolumeCapabilities:  []*csi.VolumeCapability{te.vol.Cap},
 				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: te.vol.ID}}}})
 			if err == nil {
 				t.Error("a clone of a tampered image succeeded")
