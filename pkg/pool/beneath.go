@@ -37,7 +37,10 @@ func (p *Pool) openBeneath(rel string, flags int) (*os.File, error) {
 	defer unix.Close(root)
 	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC | unix.O_NOFOLLOW), Resolve: resolveBeneath}
 	fd, err := unix.Openat2(root, rel, &how)
-	if errors.Is(err, unix.ENOSYS) {
+	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) {
+		// No openat2 (Linux < 5.6), or a seccomp profile that predates it
+		// and answers EPERM: the same checks, one element at a time. A
+		// real permission error comes back from the walk as well.
 		fd, err = openStepwise(root, rel, flags)
 	}
 	switch {
