@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"strings"
@@ -142,19 +143,19 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		}
 		defer unlock()
 	}
-	thaw := func() error { return nil }
+	copyCtx, thaw := ctx, func() error { return nil }
 	if src != nil && !exists && src.kind == pool.SourceVolume {
 		// A clone of a volume in use copies a frozen, consistent filesystem.
-		if thaw, err = d.freezeStaged(p, []string{src.token}); err != nil {
+		if copyCtx, thaw, err = d.freezeStaged(ctx, p, []string{src.token}); err != nil {
 			return nil, err
 		}
 	}
-	v, created, err := p.CreateVolume(ctx, creq)
+	v, created, err := p.CreateVolume(copyCtx, creq)
 	if terr := thaw(); terr != nil {
 		klog.ErrorS(terr, "Could not thaw a filesystem after cloning it", "volumeID", src.id)
 	}
 	if err != nil {
-		return nil, err
+		return nil, d.frozenTooLong(ctx, copyCtx, err)
 	}
 	if !created {
 		if err := compatible(v, req, prm, vc, src); err != nil {
@@ -424,9 +425,13 @@ func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerP
 	}
 	defer unlock()
 
-	d.attachMu.Lock()
-	defer d.attachMu.Unlock()
-	if max := d.opts.MaxVolumesPerNode; max > 0 {
+	// The attach limit is checked before and after the attachment, with no
+	// process-wide lock held across the pool's (possibly shared) storage:
+	// an attach that finds the node over its limit afterwards takes its
+	// own attachment back. Racing attaches at the limit may both be
+	// refused; the CO retries them.
+	max := d.opts.MaxVolumesPerNode
+	if max > 0 {
 		if v, err := p.Get(vid.Token); err != nil {
 			return nil, err
 		} else if _, ok := v.AttachmentFor(node); !ok {
@@ -435,6 +440,7 @@ func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerP
 			}
 		}
 	}
+	created := false
 	mode := req.GetVolumeCapability().GetAccessMode().GetMode().String()
 	// Readers of a volume many nodes attach never write to it.
 	ro := req.GetReadonly() || mode == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY.String()
@@ -455,10 +461,22 @@ func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerP
 		v.Generation++
 		att = pool.Attachment{Node: node, ReadOnly: ro, AccessMode: mode, Generation: v.Generation}
 		v.Attachments = append(v.Attachments, att)
+		created = true
 		return nil
 	})
 	if err != nil {
 		return nil, err
+	}
+	if created && max > 0 {
+		if n := d.attachedTo(node); n > max {
+			if _, err := p.Update(vid.Token, func(v *pool.Volume) error {
+				v.Attachments = slices.DeleteFunc(v.Attachments, func(a pool.Attachment) bool { return a.Node == node && a.Generation == att.Generation })
+				return nil
+			}); err != nil {
+				return nil, fmt.Errorf("taking back an attachment beyond node %s's limit: %w", node, err)
+			}
+			return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes attached, its limit", node, n-1)
+		}
 	}
 	klog.V(2).InfoS("Attached volume", "volumeID", id, "node", node, "readonly", att.ReadOnly, "mode", mode, "generation", att.Generation)
 	return &csi.ControllerPublishVolumeResponse{PublishContext: sharedPublishContext(p, publishContext(att))}, nil
@@ -511,8 +529,6 @@ func (d *Driver) ControllerUnpublishVolume(_ context.Context, req *csi.Controlle
 	if !slices.ContainsFunc(v.Attachments, detach) {
 		return &csi.ControllerUnpublishVolumeResponse{}, nil
 	}
-	d.attachMu.Lock()
-	defer d.attachMu.Unlock()
 	if _, err := p.Update(vid.Token, func(v *pool.Volume) error {
 		v.Attachments = slices.DeleteFunc(v.Attachments, detach)
 		return nil
@@ -582,8 +598,23 @@ type poolVolume struct {
 	v pool.Volume
 }
 
-// volumePage returns up to max volumes (all for 0) of all pools in ID order,
-// from the ID start on, and the ID to resume from.
+// defaultPageSize is the page ListVolumes and ListSnapshots return when the
+// CO asks for no particular size: every entry of a pool of many thousand
+// volumes would outgrow a gRPC message (4 MiB), and building it holds
+// every volume in memory at once. The CO follows next_token as for any
+// page.
+const defaultPageSize = 1000
+
+// pageSize is the number of entries a list call returns at most.
+func pageSize(maxEntries int32) int {
+	if maxEntries > 0 {
+		return int(maxEntries)
+	}
+	return defaultPageSize
+}
+
+// volumePage returns up to max volumes (defaultPageSize for 0) of all pools
+// in ID order, from the ID start on, and the ID to resume from.
 func (d *Driver) volumePage(start string, max int32) ([]poolVolume, string, error) {
 	if max < 0 {
 		return nil, "", invalidf("max_entries must not be negative")
@@ -603,8 +634,8 @@ func (d *Driver) volumePage(start string, max int32) ([]poolVolume, string, erro
 		}
 	}
 	slices.SortFunc(all, func(a, b poolVolume) int { return strings.Compare(a.v.ID, b.v.ID) })
-	if max > 0 && len(all) > int(max) {
-		return all[:max], all[max].v.ID, nil
+	if n := pageSize(max); len(all) > n {
+		return all[:n], all[n].v.ID, nil
 	}
 	return all, "", nil
 }

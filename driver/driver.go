@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
@@ -60,7 +61,14 @@ type Options struct {
 	// Ephemeral limits what pod authors may ask of CSI ephemeral inline
 	// volumes.
 	Ephemeral EphemeralLimits
+	// MaxFreeze bounds how long a volume's filesystem stays frozen for a
+	// snapshot or clone; 0 means DefaultMaxFreeze.
+	MaxFreeze time.Duration
 }
+
+// DefaultMaxFreeze is the default of Options.MaxFreeze: a pod's writes hang
+// while its filesystem is frozen.
+const DefaultMaxFreeze = time.Minute
 
 // EphemeralLimits are the operator's limits on CSI ephemeral inline
 // volumes. Their attributes come from the pod spec, which any pod author
@@ -118,6 +126,12 @@ func (o *Options) validate(served bool) error {
 	}
 	if o.MaxVolumesPerNode < 0 {
 		errs = append(errs, errors.New("--max-volumes-per-node must not be negative"))
+	}
+	if o.MaxFreeze < 0 {
+		errs = append(errs, errors.New("--max-freeze must not be negative"))
+	}
+	if o.MaxFreeze == 0 {
+		o.MaxFreeze = DefaultMaxFreeze
 	}
 	if o.Ephemeral.MaxSize < 0 {
 		errs = append(errs, errors.New("--ephemeral-max-size must not be negative"))
@@ -184,8 +198,9 @@ type Driver struct {
 	// volumeLocks serialises operations on one volume ID; a busy ID
 	// answers Aborted.
 	volumeLocks keylock.Set
-	// attachMu makes the attach-limit check and the attach record one step.
-	// It is held only for a metadata write.
+	// attachMu serialises the attachments a node records itself at stage
+	// (attach-only mode, attachonly.go), which live in node-local pools
+	// only: it is never held across a shared pool's storage.
 	attachMu sync.Mutex
 	// fences are the attachments of staged volumes of shared pools.
 	fences fences
@@ -266,6 +281,12 @@ func build(opts Options, kernel Kernel) (*Driver, error) {
 	return d, nil
 }
 
+// gRPC server limits (Serve).
+const (
+	maxRequestBytes    = 1 << 20
+	maxConcurrentCalls = 128
+)
+
 // loopOwner is the owner tag of a node's loop devices: a digest of the node
 // ID, which is stable across restarts of the plugin and fits lo_file_name.
 func loopOwner(nodeID string) string {
@@ -317,7 +338,12 @@ func (d *Driver) MetricsAddr() string {
 // Serve serves the CSI services on lis until ctx is cancelled, then waits
 // for running calls and removes the socket.
 func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
-	d.server = grpc.NewServer(grpc.UnaryInterceptor(d.intercept))
+	d.server = grpc.NewServer(grpc.UnaryInterceptor(d.intercept),
+		// CSI requests are small (the largest carry a few secrets and
+		// parameters): a request beyond 1 MiB is refused unread, and a
+		// caller cannot open streams without bound.
+		grpc.MaxRecvMsgSize(maxRequestBytes),
+		grpc.MaxConcurrentStreams(maxConcurrentCalls))
 	csi.RegisterIdentityServer(d.server, d)
 	if d.opts.serves(ModeController) {
 		csi.RegisterControllerServer(d.server, d)

@@ -71,7 +71,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 	if err != nil {
 		return nil, err
 	}
-	thaw, err := d.freezeStaged(p, tokens)
+	copyCtx, thaw, err := d.freezeStaged(ctx, p, tokens)
 	if err != nil {
 		return nil, err
 	}
@@ -80,7 +80,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 		var s pool.Snapshot
 		// A member's name is derived from the group, so a retry after a
 		// failure finds no stale member under the same name.
-		s, _, err = p.CreateSnapshot(ctx, pool.SnapshotRequest{Name: gid.String() + "/" + tok, SourceToken: tok, GroupID: gid.String()})
+		s, _, err = p.CreateSnapshot(copyCtx, pool.SnapshotRequest{Name: gid.String() + "/" + tok, SourceToken: tok, GroupID: gid.String()})
 		if err != nil {
 			break
 		}

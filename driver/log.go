@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
@@ -9,22 +10,22 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
+
+	"github.com/spool-csi/spool/pkg/pool"
 )
 
 // intercept logs every call with its secrets stripped, counts it in the
-// metrics, and turns errors that carry no gRPC code (unexpected failures)
-// into Internal.
+// metrics, and gives errors that carry no gRPC code theirs (toStatus).
 func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	klog.V(4).InfoS("CSI request", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
 	resp, err := handler(ctx, req)
+	if err != nil {
+		err = toStatus(err)
+	}
 	d.metrics.ObserveRequest(info.FullMethod, status.Code(err).String(), time.Since(start))
 	if err != nil {
-		st, ok := status.FromError(err)
-		if !ok {
-			st = status.New(codes.Internal, err.Error())
-			err = st.Err()
-		}
+		st, _ := status.FromError(err)
 		lvl := klog.Level(2)
 		if st.Code() == codes.Internal || st.Code() == codes.Unknown {
 			lvl = 0
@@ -34,6 +35,28 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	klog.V(4).InfoS("CSI response", "method", info.FullMethod, "response", protosanitizer.StripSecrets(resp), "duration", time.Since(start))
 	return resp, nil
+}
+
+// toStatus maps an error to its gRPC status, in one place: errors that
+// carry a status keep it; the sentinel errors of the packages below the
+// driver get the code that tells the CO what to do; anything else is an
+// unexpected failure, Internal.
+func toStatus(err error) error {
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	code := codes.Internal
+	switch {
+	case errors.Is(err, pool.ErrBusy):
+		code = codes.Aborted // another process holds the lock: retry
+	case errors.Is(err, pool.ErrUntrusted):
+		code = codes.FailedPrecondition // an administrator must look at the pool
+	case errors.Is(err, context.DeadlineExceeded):
+		code = codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		code = codes.Canceled
+	}
+	return status.Error(code, err.Error())
 }
 
 func invalidf(format string, args ...any) error {

@@ -7,8 +7,10 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -451,5 +453,50 @@ func TestControllerModeLeavesKernelAlone(t *testing.T) {
 	entries, err := os.ReadDir(filepath.Join(c.dir, "volumes"))
 	if err != nil || len(entries) != 0 {
 		t.Errorf("volumes left in the pool: %v %v", entries, err)
+	}
+}
+
+// A lock another process holds on one volume of a shared pool never delays
+// another volume, and is waited for a bounded time: then the call is
+// Aborted and the CO retries (issue 19, class 6: ControllerPublishVolume of
+// an unrelated volume hung behind a blocking flock under a process-wide
+// mutex).
+func TestSharedLockHeldElsewhere(t *testing.T) {
+	c := newSharedCluster(t)
+	c.ctrl.opts.MaxVolumesPerNode = 8 // the attach limit took a process-wide mutex
+	old := pool.LockWait
+	pool.LockWait = 300 * time.Millisecond
+	t.Cleanup(func() { pool.LockWait = old })
+	vc := mountCap("ext4")
+	held := c.create(t, "held", vc)
+	free := c.create(t, "free", vc)
+	// Another process (another open file description) holds held's lock.
+	f, err := os.OpenFile(filepath.Join(c.dir, "volumes", held[len(held)-24:], ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := c.publish(t, held, "node-a", vc)
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond) // the held volume's publish is waiting now
+	if _, err := c.publish(t, free, "node-a", vc); err != nil {
+		t.Fatalf("publish of an unrelated volume: %v", err)
+	}
+	if d := time.Since(start); d > 200*time.Millisecond {
+		t.Errorf("publish of an unrelated volume took %s while another volume's lock was held", d)
+	}
+	if err := <-done; status.Code(toStatus(err)) != codes.Aborted { // mapped at the edge
+		t.Fatalf("publish of the locked volume: %v, want Aborted", err)
+	}
+	_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	if _, err := c.publish(t, held, "node-a", vc); err != nil {
+		t.Fatalf("publish once the lock is free: %v", err)
 	}
 }

@@ -60,16 +60,16 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		return nil, err
 	}
 	defer unlock()
-	thaw, err := d.freezeStaged(p, []string{vid.Token})
+	copyCtx, thaw, err := d.freezeStaged(ctx, p, []string{vid.Token})
 	if err != nil {
 		return nil, err
 	}
-	s, _, err := p.CreateSnapshot(ctx, pool.SnapshotRequest{Name: req.GetName(), SourceToken: vid.Token})
+	s, _, err := p.CreateSnapshot(copyCtx, pool.SnapshotRequest{Name: req.GetName(), SourceToken: vid.Token})
 	if terr := thaw(); terr != nil {
 		klog.ErrorS(terr, "Could not thaw a filesystem after a snapshot", "volumeID", vid.String())
 	}
 	if err != nil {
-		return nil, err
+		return nil, d.frozenTooLong(ctx, copyCtx, err)
 	}
 	if s.SourceVolumeID != req.GetSourceVolumeId() {
 		return nil, alreadyExistsf("snapshot %q exists for volume %s", s.Name, s.SourceVolumeID)
@@ -89,9 +89,11 @@ func (d *Driver) snapshotByName(name string) (pool.Snapshot, bool) {
 }
 
 // freezeStaged freezes the filesystems of the given volumes that are
-// mounted on this node. The returned thaw undoes every freeze; it is never
-// nil.
-func (d *Driver) freezeStaged(p *pool.Pool, tokens []string) (func() error, error) {
+// mounted on this node, for a copy. The returned context bounds the copy by
+// --max-freeze when anything was frozen: a pod's writes hang while its
+// filesystem is frozen, so a copy that takes longer is given up. The
+// returned thaw undoes every freeze; it is never nil.
+func (d *Driver) freezeStaged(ctx context.Context, p *pool.Pool, tokens []string) (context.Context, func() error, error) {
 	var thaws []func() error
 	thawAll := func() error {
 		var errs []error
@@ -101,16 +103,16 @@ func (d *Driver) freezeStaged(p *pool.Pool, tokens []string) (func() error, erro
 		return errors.Join(errs...)
 	}
 	if d.kernel.Loops == nil || d.kernel.Mounter == nil {
-		return thawAll, nil
+		return ctx, thawAll, nil
 	}
 	mounts, err := d.kernel.Mounter.Mounts()
 	if err != nil {
-		return thawAll, err
+		return ctx, thawAll, err
 	}
 	for _, tok := range tokens {
 		dev, err := d.ownDevice(p, tok)
 		if err != nil {
-			return thawAll, err
+			return ctx, thawAll, err
 		}
 		if dev == nil {
 			continue
@@ -122,14 +124,28 @@ func (d *Driver) freezeStaged(p *pool.Pool, tokens []string) (func() error, erro
 			thaw, err := d.kernel.Mounter.Freeze(m.MountPoint)
 			if err != nil {
 				_ = thawAll()
-				return func() error { return nil }, status.Errorf(codes.Internal, "freezing volume for a consistent snapshot: %v", err)
+				thaws = nil
+				return ctx, func() error { return nil }, status.Errorf(codes.Internal, "freezing volume for a consistent snapshot: %v", err)
 			}
 			thaws = append(thaws, thaw)
 			faults.Point("snapshot-frozen")
 			break // one mount of a filesystem freezes it everywhere
 		}
 	}
-	return thawAll, nil
+	if len(thaws) == 0 {
+		return ctx, thawAll, nil
+	}
+	copyCtx, stop := context.WithTimeout(ctx, d.opts.MaxFreeze)
+	return copyCtx, func() error { stop(); return thawAll() }, nil
+}
+
+// frozenTooLong explains a copy given up because it outlasted --max-freeze
+// (copyCtx expired while the caller's ctx did not); other errors pass.
+func (d *Driver) frozenTooLong(ctx, copyCtx context.Context, err error) error {
+	if errors.Is(err, context.DeadlineExceeded) && copyCtx.Err() != nil && ctx.Err() == nil {
+		return status.Errorf(codes.DeadlineExceeded, "the copy took longer than --max-freeze (%s) while the volume's filesystem was frozen, so it was thawed and the copy given up: copies are instant on a pool filesystem with reflinks (xfs, btrfs); or raise --max-freeze", d.opts.MaxFreeze)
+	}
+	return err
 }
 
 // csiSnapshot describes a snapshot. Its accessible topology is left out:
@@ -225,7 +241,7 @@ func (d *Driver) ListSnapshots(_ context.Context, req *csi.ListSnapshotsRequest)
 	slices.SortFunc(all, func(a, b pool.Snapshot) int { return strings.Compare(a.ID, b.ID) })
 	resp := &csi.ListSnapshotsResponse{}
 	for i, s := range all {
-		if max := int(req.GetMaxEntries()); max > 0 && i == max {
+		if i == pageSize(req.GetMaxEntries()) {
 			resp.NextToken = s.ID
 			break
 		}

@@ -38,9 +38,40 @@ type params struct {
 	provisioning pool.Provisioning
 }
 
+// Bounds of the parameters a volume stores in its metadata (the CO's
+// csi.storage.k8s.io/ keys included): far beyond what a CO sends, far below
+// what would bloat every metadata read.
+const (
+	maxParams          = 64
+	maxParamKeyBytes   = 320 // a Kubernetes qualified name: 253 + "/" + 63
+	maxParamValueBytes = 4096
+	maxParamsBytes     = 16 << 10
+)
+
+// checkParamBounds refuses parameters beyond the bounds above.
+func checkParamBounds(in map[string]string) error {
+	if len(in) > maxParams {
+		return invalidf("%d parameters: at most %d", len(in), maxParams)
+	}
+	total := 0
+	for k, v := range in {
+		if len(k) > maxParamKeyBytes || len(v) > maxParamValueBytes {
+			return invalidf("parameter %.64q: keys are at most %d bytes, values %d", k, maxParamKeyBytes, maxParamValueBytes)
+		}
+		total += len(k) + len(v)
+	}
+	if total > maxParamsBytes {
+		return invalidf("parameters of %d bytes: at most %d", total, maxParamsBytes)
+	}
+	return nil
+}
+
 // parseParams validates StorageClass parameters. Unknown keys are refused so
 // that a typo in a StorageClass fails loudly instead of being ignored.
 func parseParams(in map[string]string) (params, error) {
+	if err := checkParamBounds(in); err != nil {
+		return params{}, err
+	}
 	p := params{provisioning: pool.Thin}
 	for k, v := range in {
 		switch {

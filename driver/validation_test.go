@@ -1,6 +1,8 @@
 package driver
 
 import (
+	"context"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -108,4 +110,50 @@ func FuzzVolumeSize(f *testing.F) {
 			t.Fatalf("volumeSize(%d, %d, %q) = %d", req, lim, fsType, n)
 		}
 	})
+}
+
+// Parameters are stored with the volume: their count and size are bounded.
+func TestParameterBounds(t *testing.T) {
+	big := map[string]string{}
+	for i := range maxParams + 1 {
+		big["csi.storage.k8s.io/k"+strconv.Itoa(i)] = "v"
+	}
+	huge := map[string]string{}
+	for i := range 8 {
+		huge["csi.storage.k8s.io/k"+strconv.Itoa(i)] = strings.Repeat("x", maxParamValueBytes)
+	}
+	for name, in := range map[string]map[string]string{
+		"too many":   big,
+		"long key":   {"csi.storage.k8s.io/" + strings.Repeat("k", maxParamKeyBytes): "v"},
+		"long value": {"csi.storage.k8s.io/pvc/name": strings.Repeat("v", maxParamValueBytes+1)},
+		"too large":  huge,
+	} {
+		if _, err := parseParams(in); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%s: %v, want InvalidArgument", name, err)
+		}
+	}
+	ok := map[string]string{"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/pvc/namespace": "default", ParamProvisioning: "thick"}
+	if _, err := parseParams(ok); err != nil {
+		t.Errorf("what the external-provisioner sends: %v", err)
+	}
+}
+
+// A list call with no max_entries returns a page and a token, not
+// everything at once; following the tokens lists every volume once.
+func TestDefaultPageSize(t *testing.T) {
+	d := newTestDriver(t, newFakeKernel())
+	ctx := context.Background()
+	for i := range defaultPageSize + 1 {
+		if _, err := d.CreateVolume(ctx, createReq("v"+strconv.Itoa(i), 1<<20, mountCap("ext4"))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := d.ListVolumes(ctx, &csi.ListVolumesRequest{})
+	if err != nil || len(r.GetEntries()) != defaultPageSize || r.GetNextToken() == "" {
+		t.Fatalf("first page: %d entries, token %q, %v", len(r.GetEntries()), r.GetNextToken(), err)
+	}
+	r2, err := d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: r.GetNextToken()})
+	if err != nil || len(r2.GetEntries()) != 1 || r2.GetNextToken() != "" {
+		t.Fatalf("second page: %d entries, token %q, %v", len(r2.GetEntries()), r2.GetNextToken(), err)
+	}
 }

@@ -44,6 +44,7 @@ func main() {
 	flag.Var(sizeFlag{&opts.Ephemeral.MaxSize}, "ephemeral-max-size", "largest size a pod spec may ask of an ephemeral inline volume (default 1Gi)")
 	flag.Var(listFlag{&opts.Ephemeral.Pools}, "ephemeral-pools", "comma-separated pools ephemeral inline volumes may use (default: the first pool)")
 	flag.BoolVar(&opts.Ephemeral.AllowThick, "ephemeral-allow-thick", false, "let a pod spec ask for provisioning: thick in an ephemeral inline volume")
+	flag.DurationVar(&opts.MaxFreeze, "max-freeze", driver.DefaultMaxFreeze, "longest a volume's filesystem stays frozen for a snapshot or clone; a longer copy is given up")
 	flag.StringVar(&opts.MetricsAddress, "metrics-address", "", "serve Prometheus metrics at http://ADDRESS/metrics (host:port, e.g. :9808); empty: off")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Usage = func() {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,6 +36,7 @@ type Metrics struct {
 	requests  *prometheus.CounterVec
 	duration  *prometheus.HistogramVec
 	reconcile *prometheus.CounterVec
+	pools     *poolCollector
 }
 
 // New registers the metrics. pools are reported at every scrape; attached,
@@ -55,9 +57,10 @@ func New(pools []*pool.Pool, attached func() (int, error)) *Metrics {
 			Namespace: namespace, Name: "reconcile_total",
 			Help: "Repairs made by the startup reconciliation, by action and result (ok or error).",
 		}, []string{"action", "result"}),
+		pools: &poolCollector{pools: pools, attached: attached, every: collectEvery},
 	}
 	m.reg.MustRegister(m.requests, m.duration, m.reconcile,
-		&poolCollector{pools: pools, attached: attached},
+		m.pools,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -86,7 +89,7 @@ func (m *Metrics) Reconciled(action string, err error) {
 // Serve serves /metrics on lis until ctx is cancelled.
 func (m *Metrics) Serve(ctx context.Context, lis net.Listener) error {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg, MaxRequestsInFlight: maxScrapes}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(lis) }()
@@ -126,11 +129,26 @@ var (
 		"Loop devices on this node backed by pool images.", nil, nil)
 )
 
-// poolCollector reads the pools at scrape time, so the figures are never
-// stale.
+// collectEvery is the least time between two reads of the pools: a scrape
+// within it gets the figures of the last read. Reading a pool walks its
+// volumes (on a shared pool, over the share) and counting loop devices
+// opens every image, so scrapes must not be able to make the driver do
+// that without bound.
+const collectEvery = time.Second
+
+// maxScrapes bounds the /metrics requests served at once.
+const maxScrapes = 2
+
+// poolCollector reads the pools at scrape time, at most once per
+// collectEvery; concurrent scrapes wait for one read.
 type poolCollector struct {
 	pools    []*pool.Pool
 	attached func() (int, error)
+
+	every time.Duration // collectEvery; tests set their own
+	mu    sync.Mutex
+	last  time.Time
+	kept  []prometheus.Metric
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -140,8 +158,22 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if time.Since(c.last) >= c.every {
+		c.kept = c.read()
+		c.last = time.Now()
+	}
+	for _, m := range c.kept {
+		ch <- m
+	}
+}
+
+// read reads the pools and loop devices once.
+func (c *poolCollector) read() []prometheus.Metric {
+	var out []prometheus.Metric
 	gauge := func(d *prometheus.Desc, v float64, lv ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, lv...)
+		out = append(out, prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, lv...))
 	}
 	for _, p := range c.pools {
 		name := p.Name()
@@ -167,4 +199,5 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 			klog.ErrorS(err, "Could not count loop devices for metrics")
 		}
 	}
+	return out
 }

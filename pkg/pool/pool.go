@@ -166,6 +166,9 @@ type Pool struct {
 	shared   bool
 	id       string // the pool ID in the identity file
 	readOnly bool   // Spec.ReadOnly
+	// fileLocks queues this process's callers for a shared pool's lock
+	// files (flock).
+	fileLocks fileQueue
 
 	mu          sync.Mutex
 	vols        map[string]*Volume // token -> volume

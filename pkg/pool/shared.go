@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -126,30 +127,103 @@ func (p *Pool) CheckIdentity() error {
 	return nil
 }
 
-// flockFile takes an exclusive flock on path, creating it; unlock releases it.
-func flockFile(path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+// ErrBusy means a lock of a shared pool stayed held by another process for
+// longer than LockWait: the caller answers Aborted and the CO retries,
+// instead of waiting without bound on a share another machine may have
+// stopped answering for.
+var ErrBusy = errors.New("locked by another process")
+
+// LockWait bounds how long a lock of a shared pool (a volume's, or the
+// create lock) is waited for.
+var LockWait = 5 * time.Second
+
+// flock takes an exclusive flock on rel (relative to the pool root, opened
+// beneath it and created if missing); unlock releases it. It polls with
+// LOCK_NB for at most LockWait, so no lock on the share is waited for
+// without bound and nothing else waits behind this one: each volume has its
+// own lock file, and no process-wide mutex is held while polling.
+func (p *Pool) flock(rel string) (unlock func(), err error) {
+	deadline := time.Now().Add(LockWait)
+	// Callers in this process queue for the file first, so only one of them
+	// polls the share.
+	release, err := p.fileLocks.acquire(rel, deadline)
 	if err != nil {
+		return nil, fmt.Errorf("pool %s: %s: %w for more than %s", p.name, rel, err, LockWait)
+	}
+	f, err := p.openBeneath(rel, unix.O_RDWR|unix.O_CREAT)
+	if err != nil {
+		release()
 		return nil, err
 	}
-	for {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
-		if !errors.Is(err, unix.EINTR) {
-			break
+	for delay := time.Millisecond; ; delay = min(2*delay, 20*time.Millisecond) {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { _ = f.Close(); release() }, nil
 		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			_ = f.Close()
+			release()
+			return nil, fmt.Errorf("flock %s: %w", rel, err)
+		}
+		if time.Now().After(deadline) {
+			_ = f.Close()
+			release()
+			return nil, fmt.Errorf("pool %s: %s: %w for more than %s", p.name, rel, ErrBusy, LockWait)
+		}
+		time.Sleep(delay)
 	}
-	if err != nil {
-		_ = f.Close()
-		return nil, fmt.Errorf("flock %s: %w", path, err)
+}
+
+// fileQueue lets the callers of one process wait their turn for a lock
+// file, each for a bounded time; an entry lives while anyone holds or
+// waits for its file.
+type fileQueue struct {
+	mu    sync.Mutex
+	slots map[string]*fileSlot
+}
+
+type fileSlot struct {
+	turn  chan struct{} // holds a token while the file is free in this process
+	users int
+}
+
+// acquire waits until deadline for rel's turn; release gives it back.
+func (q *fileQueue) acquire(rel string, deadline time.Time) (release func(), err error) {
+	q.mu.Lock()
+	if q.slots == nil {
+		q.slots = map[string]*fileSlot{}
 	}
-	return func() { _ = f.Close() }, nil
+	s, ok := q.slots[rel]
+	if !ok {
+		s = &fileSlot{turn: make(chan struct{}, 1)}
+		s.turn <- struct{}{}
+		q.slots[rel] = s
+	}
+	s.users++
+	q.mu.Unlock()
+	done := func() {
+		q.mu.Lock()
+		if s.users--; s.users == 0 {
+			delete(q.slots, rel)
+		}
+		q.mu.Unlock()
+	}
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-s.turn:
+		return func() { s.turn <- struct{}{}; done() }, nil
+	case <-t.C:
+		done()
+		return nil, ErrBusy
+	}
 }
 
 // lockVolume takes a shared pool's lock of one volume's metadata. A volume
 // whose directory is gone is NotFound.
 func (p *Pool) lockVolume(token string) (func(), error) {
 	t0 := time.Now()
-	unlock, err := flockFile(filepath.Join(p.volumeDir(token), volumeLockFile))
+	unlock, err := p.flock(filepath.Join(volumesDir, token, volumeLockFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, status.Errorf(codes.NotFound, "volume %s::%s does not exist", p.name, token)
 	}
@@ -284,9 +358,9 @@ func (p *Pool) commitShared(name, token string, commit func() error) error {
 // every controller takes to check that a name is free and commit an object
 // under it.
 func (p *Pool) underCreateLock(fn func() error) error {
-	unlock, err := flockFile(filepath.Join(p.root, createLockFile))
+	unlock, err := p.flock(createLockFile)
 	if err != nil {
-		return fmt.Errorf("pool %s: %w", p.name, err)
+		return err
 	}
 	defer unlock()
 	return fn()
