@@ -261,7 +261,7 @@ func (p *Pool) load(clean bool) error {
 			}
 		}
 	}
-	if err := p.loadIndex(); err != nil {
+	if err := p.loadIndex(clean); err != nil {
 		return err
 	}
 	return p.loadSnapshots(clean)
@@ -337,7 +337,7 @@ func (p *Pool) emptyDir(dir string) error {
 	return nil
 }
 
-func (p *Pool) loadIndex() error {
+func (p *Pool) loadIndex(repair bool) error {
 	entries, err := os.ReadDir(filepath.Join(p.root, volumesDir))
 	if err != nil {
 		return fmt.Errorf("pool %s: reading volumes: %w", p.name, err)
@@ -353,6 +353,9 @@ func (p *Pool) loadIndex() error {
 			klog.ErrorS(err, "Skipping volume with unreadable metadata", "pool", p.name, "token", e.Name())
 			continue
 		}
+		if repair {
+			p.repairSize(v)
+		}
 		if other, dup := p.names[v.Name]; dup {
 			klog.ErrorS(nil, "Two volumes carry the same name; keeping the first", "pool", p.name, "name", v.Name, "kept", other, "skipped", e.Name())
 			continue
@@ -363,6 +366,35 @@ func (p *Pool) loadIndex() error {
 	}
 	klog.InfoS("Opened pool", "pool", p.name, "dir", p.root, "volumes", len(p.vols))
 	return nil
+}
+
+// repairSize records the size of an image that is larger than its metadata
+// says: ExpandVolume grows the image first and records the size after, so a
+// crash in between leaves a larger image, which every later expansion to a
+// smaller size would refuse. The growth was reserved when it was made; the
+// CO's retry of the expansion then finds the volume large enough.
+func (p *Pool) repairSize(v *Volume) {
+	f, err := p.OpenImage(v.token, unix.O_PATH)
+	if err != nil {
+		return // reported where the image is used
+	}
+	fi, err := f.Stat()
+	_ = f.Close()
+	if err != nil || fi.Size() <= v.CapacityBytes || fi.Size() > MaxImageBytes || fi.Size()%size.MiB != 0 {
+		return
+	}
+	was := v.CapacityBytes
+	v.CapacityBytes = fi.Size()
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err == nil {
+		err = writeFileAtomic(filepath.Join(p.volumeDir(v.token), metaFile), data)
+	}
+	if err != nil {
+		v.CapacityBytes = was
+		klog.ErrorS(err, "Could not record the size of an image grown before a crash", "pool", p.name, "volumeID", v.ID)
+		return
+	}
+	klog.InfoS("Recorded the size of an image grown before a crash (an interrupted expansion)", "pool", p.name, "volumeID", v.ID, "recorded", was, "image", fi.Size())
 }
 
 func (p *Pool) readMeta(token string) (*Volume, error) {

@@ -41,6 +41,9 @@ type Snapshot struct {
 	FSType     string     `json:"fsType,omitempty"`
 
 	token string
+	// charge is what the snapshot counts against the pool's capacity: the
+	// bytes its image occupies (snapshotCharge).
+	charge int64
 }
 
 // Token is the snapshot's token.
@@ -130,6 +133,11 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 		return Snapshot{}, false, fmt.Errorf("volume %s: %w", src.ID, err)
 	}
 	defer srcImage.Close()
+	release, err := p.reserveSnapshot(srcImage, src.ID)
+	if err != nil {
+		return Snapshot{}, false, err
+	}
+	defer release()
 	if err := p.buildSnapshot(ctx, &s, srcImage); err != nil {
 		var taken errNameTaken
 		if errors.As(err, &taken) {
@@ -166,6 +174,9 @@ func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage *os.File
 	faults.Point("snapshot-copied")
 	if err := os.Chmod(img, 0o400); err != nil {
 		return fmt.Errorf("making %s read-only: %w", img, err)
+	}
+	if s.charge, err = allocatedBytes(img); err != nil {
+		return err
 	}
 	commit := func() error { return commitDir(tmp, p.snapshotDir(s.token), snapshotMeta, s) }
 	if !p.shared {
@@ -430,6 +441,11 @@ func (p *Pool) loadSnapshots(clean bool) error {
 			klog.InfoS("Removing member of an unfinished or deleted group snapshot", "pool", p.name, "snapshotID", s.ID, "groupSnapshotID", s.GroupID)
 			return p.trash(p.snapshotDir(tok), "snap-"+tok)
 		}
+		charge, err := allocatedBytes(filepath.Join(p.root, snapshotsDir, tok, imageFile))
+		if err != nil {
+			return err
+		}
+		s.charge = charge
 		idx.snaps[tok], idx.snapNames[s.Name] = s, tok
 		return nil
 	}); err != nil {
