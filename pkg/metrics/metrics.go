@@ -114,7 +114,9 @@ var (
 	provisionedDesc = prometheus.NewDesc(namespace+"_pool_provisioned_bytes",
 		"Sum of the sizes of the pool's volumes.", labels, nil)
 	allocatedDesc = prometheus.NewDesc(namespace+"_pool_allocated_bytes",
-		"Bytes the pool's volume images occupy on disk.", labels, nil)
+		"Bytes the pool's volume images (and copied snapshot images) occupy on disk.", labels, nil)
+	snapshotBytesDesc = prometheus.NewDesc(namespace+"_pool_snapshot_bytes",
+		"Bytes the pool's snapshots count against its capacity.", labels, nil)
 	availableDesc = prometheus.NewDesc(namespace+"_pool_available_bytes",
 		"Bytes a new volume may still provision.", labels, nil)
 	unbackedDesc = prometheus.NewDesc(namespace+"_pool_unbacked_bytes",
@@ -152,7 +154,7 @@ type poolCollector struct {
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{capacityDesc, provisionedDesc, allocatedDesc, availableDesc, unbackedDesc, volumesDesc, snapshotsDesc, poolErrorsDesc, loopsDesc} {
+	for _, d := range []*prometheus.Desc{capacityDesc, provisionedDesc, allocatedDesc, snapshotBytesDesc, availableDesc, unbackedDesc, volumesDesc, snapshotsDesc, poolErrorsDesc, loopsDesc} {
 		ch <- d
 	}
 }
@@ -189,6 +191,7 @@ func (c *poolCollector) read() []prometheus.Metric {
 		gauge(capacityDesc, float64(capa.Total), name)
 		gauge(provisionedDesc, float64(capa.Provisioned), name)
 		gauge(allocatedDesc, float64(capa.Allocated), name)
+		gauge(snapshotBytesDesc, float64(capa.Snapshots), name)
 		gauge(availableDesc, float64(capa.Available), name)
 		gauge(unbackedDesc, float64(capa.Unbacked), name)
 	}
