@@ -54,6 +54,18 @@ func (k *fakeKernel) Attach(f *os.File, opts loop.Options) (*loop.Device, error)
 	return &c, nil
 }
 
+func (k *fakeKernel) ClearAutoclear(devPath string, _ uint64) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, d := range k.devs {
+		if d.Path == devPath {
+			d.Autoclear = false
+			return nil
+		}
+	}
+	return loop.ErrNotFound
+}
+
 // attachPath attaches the file at path, as a test's own setup would.
 func (k *fakeKernel) attachPath(path string) (*loop.Device, error) {
 	f, err := os.Open(path)

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/pool"
@@ -24,6 +26,7 @@ const (
 	reasonImageTruncated     = "ImageTruncated"
 	reasonPoolOvercommitted  = "PoolOvercommitted"
 	reasonAttachmentLost     = "AttachmentLost"
+	reasonDeviceReconfigured = "DeviceReconfigured"
 )
 
 // poolNearlyFull is the share of a pool's capacity that, once provisioned,
@@ -81,6 +84,9 @@ func (d *Driver) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHe
 			}
 		}
 	}
+	if problems := d.checkDevice(nv); len(problems) > 0 {
+		add(csi.VolumeHealthErrorType_DEGRADED, reasonDeviceReconfigured, strings.Join(problems, "; "))
+	}
 	if nv.dev != nil {
 		for _, m := range mounts {
 			if !fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || !slices.Contains(m.MountOptions, "rw") {
@@ -94,6 +100,37 @@ func (d *Driver) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHe
 		}
 	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: &csi.VolumeHealth{VolumeId: id, HealthStatuses: out}}, nil
+}
+
+// checkDevice re-verifies the volume's loop device, which a pod with raw
+// block access can reconfigure through its device node (LOOP_SET_STATUS64):
+// autoclear would detach it at the last close, under the pod, and is
+// cleared again; partition scanning makes the kernel create partition
+// devices from the bytes the pod wrote, cannot be turned off, and is
+// reported. (A device whose backing file was changed no longer matches the
+// image and is not found at all: see unstageForeignBlock.) It returns what
+// is still wrong.
+func (d *Driver) checkDevice(nv *nodeVolume) []string {
+	dev := nv.dev
+	if dev == nil {
+		return nil
+	}
+	var problems []string
+	if dev.Autoclear {
+		if err := d.kernel.Loops.ClearAutoclear(dev.Path, dev.Rdev); err != nil {
+			problems = append(problems, fmt.Sprintf("%s has autoclear set (it would detach at its last close) and it could not be cleared: %v", dev.Path, err))
+		} else {
+			dev.Autoclear = false
+			klog.InfoS("Cleared autoclear on a loop device something set it on", "volumeID", nv.vol.ID, "device", dev.Path)
+		}
+	}
+	if dev.PartScan {
+		problems = append(problems, fmt.Sprintf("%s has partition scanning on: the kernel made partition devices from the volume's bytes; unstage and stage the volume again for a clean device", dev.Path))
+	}
+	if len(problems) > 0 {
+		klog.ErrorS(nil, "Loop device of a volume was reconfigured", "volumeID", nv.vol.ID, "device", dev.Path, "problems", problems)
+	}
+	return problems
 }
 
 // NodeGetStorageHealth reports pools that are unreachable or nearly full.

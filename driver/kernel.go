@@ -19,6 +19,9 @@ type LoopDevices interface {
 	List() ([]loop.Device, error)
 	Detach(devPath string) error
 	Size(devPath string) (int64, error)
+	// ClearAutoclear clears the autoclear flag of the device devPath with
+	// dev_t rdev (a pod with raw access can set it).
+	ClearAutoclear(devPath string, rdev uint64) error
 	SetCapacity(devPath string) (int64, error)
 }
 
@@ -57,6 +60,9 @@ func (realLoops) Find(image pool.ImageID, owner string) (*loop.Device, error) {
 func (realLoops) List() ([]loop.Device, error)       { return loop.List() }
 func (realLoops) Detach(devPath string) error        { return loop.Detach(devPath) }
 func (realLoops) Size(devPath string) (int64, error) { return loop.Size(devPath) }
+func (realLoops) ClearAutoclear(devPath string, rdev uint64) error {
+	return loop.ClearAutoclear(devPath, rdev)
+}
 func (realLoops) SetCapacity(devPath string) (int64, error) {
 	return loop.SetCapacity(devPath)
 }

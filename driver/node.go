@@ -522,6 +522,11 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 		return nil, err
 	}
 	marker := filepath.Join(staging, blockMarker)
+	if nv.dev == nil {
+		if nv.dev, err = d.reconfiguredBlockDevice(mounts, marker); err != nil {
+			return nil, err
+		}
+	}
 	for _, target := range []string{marker, staging} {
 		m, ok := fs.MountAt(mounts, target)
 		if !ok {
@@ -603,6 +608,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	if block {
 		source = nv.dev.Path
+		d.checkDevice(nv)
 	}
 	if m, ok := fs.MountAt(mounts, target); ok {
 		if !(fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || fs.IsDeviceNodeBind(m, nv.dev.Path)) {
@@ -635,6 +641,36 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	klog.V(2).InfoS("Published volume", "volumeID", id, "target", target, "readonly", ro, "block", block)
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// reconfiguredBlockDevice finds the loop device bound at a block volume's
+// staging marker when the volume's image no longer leads to it: a pod with
+// the raw device changed its backing file (LOOP_CHANGE_FD), or the image
+// was replaced in the pool. Unstage must still work. The bind is Spool's
+// when the device carries this node's owner tag (set at attach); a device
+// without it is not proven to be Spool's and stays, and the unstage fails.
+// It returns nil when nothing is bound at the marker.
+func (d *Driver) reconfiguredBlockDevice(mounts []fs.MountInfo, marker string) (*loop.Device, error) {
+	m, ok := fs.MountAt(mounts, marker)
+	if !ok || m.FsType != "devtmpfs" {
+		return nil, nil
+	}
+	devs, err := d.kernel.Loops.List()
+	if err != nil {
+		return nil, err
+	}
+	for i := range devs {
+		dev := &devs[i]
+		if !fs.IsDeviceNodeBind(m, dev.Path) {
+			continue
+		}
+		if dev.Owner != d.loopOwner {
+			return nil, preconditionf("%s binds %s, which no longer backs this volume's image and does not carry this node's tag: it is left as it is; detach it by hand", marker, dev.Path)
+		}
+		klog.ErrorS(nil, "The loop device staged for a block volume no longer backs its image (reconfigured through its device node, or the image was replaced); unstaging it", "marker", marker, "device", dev.Path, "backingFile", dev.BackingFile)
+		return dev, nil
+	}
+	return nil, nil
 }
 
 // coPathError maps an error about a CO-given path: one that holds what Spool
@@ -741,6 +777,7 @@ func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeSta
 	case !ok || nv.dev == nil:
 		return nil, notFoundf("volume %s is not published at %s", id, path)
 	case fs.IsDeviceNodeBind(m, nv.dev.Path):
+		d.checkDevice(nv)
 		n, err := d.kernel.Loops.Size(nv.dev.Path)
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "%v", err)

@@ -43,6 +43,13 @@ type Device struct {
 	Rdev        uint64 // the loop block device's own dev_t, for matching against /proc/self/mountinfo
 	ReadOnly    bool
 	DirectIO    bool
+	// Autoclear and PartScan are flags Attach never sets: whoever can write
+	// the device node (a pod with a raw block volume) can set them with
+	// LOOP_SET_STATUS64. Autoclear detaches the device at its last close;
+	// PartScan makes the kernel create partition devices from the bytes
+	// the pod wrote.
+	Autoclear bool
+	PartScan  bool
 	// Owner is the owner tag given at attach (Options.Owner), read back
 	// from lo_file_name; empty for a device attached without one.
 	Owner string
@@ -409,6 +416,8 @@ func deviceFromFd(fd int) (*Device, error) {
 		Rdev:       uint64(st.Rdev),
 		ReadOnly:   info.Flags&unix.LO_FLAGS_READ_ONLY != 0,
 		DirectIO:   info.Flags&unix.LO_FLAGS_DIRECT_IO != 0,
+		Autoclear:  info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0,
+		PartScan:   info.Flags&unix.LO_FLAGS_PARTSCAN != 0,
 	}
 	if tag, ok := strings.CutPrefix(unix.ByteSliceToString(info.File_name[:]), ownerPrefix); ok {
 		d.Owner = tag
@@ -645,6 +654,34 @@ func waitUnbound(rdev uint64, timeout time.Duration) error {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// ClearAutoclear clears LO_FLAGS_AUTOCLEAR on devPath, which must be the
+// bound device dev (checked by its dev_t): Spool's devices outlive every
+// close. The kernel lets LOOP_SET_STATUS64 clear no other flag Attach does
+// not set (partition scanning stays once it was turned on).
+func ClearAutoclear(devPath string, rdev uint64) error {
+	fd, err := openDevPath(devPath, unix.O_RDONLY)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || uint64(st.Rdev) != rdev {
+		return fmt.Errorf("%s: %w: not the device %d:%d", devPath, ErrNotFound, unix.Major(rdev), unix.Minor(rdev))
+	}
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", devPath, err)
+	}
+	if info.Flags&unix.LO_FLAGS_AUTOCLEAR == 0 {
+		return nil
+	}
+	info.Flags &^= unix.LO_FLAGS_AUTOCLEAR
+	if err := unix.IoctlLoopSetStatus64(fd, info); err != nil {
+		return fmt.Errorf("LOOP_SET_STATUS64 %s: %w", devPath, err)
+	}
+	return nil
 }
 
 // SetCapacity tells the kernel the backing file changed size
