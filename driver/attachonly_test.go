@@ -77,7 +77,7 @@ func TestAttachOnlyController(t *testing.T) {
 		},
 	}
 	for i, call := range calls {
-		if err := call(); err != nil && status.Code(err) == codes.Internal {
+		if err := call(); err != nil && status.Code(toStatus(err)) == codes.Internal {
 			t.Errorf("call %d: %v", i, err)
 		}
 	}

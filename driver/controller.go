@@ -350,7 +350,7 @@ func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (
 	}
 	defer unlock()
 	v, err := p.Get(vid.Token)
-	if status.Code(err) == codes.NotFound {
+	if isNotFound(err) {
 		return &csi.DeleteVolumeResponse{}, nil
 	} else if err != nil {
 		return nil, err
@@ -520,7 +520,7 @@ func (d *Driver) ControllerUnpublishVolume(_ context.Context, req *csi.Controlle
 	}
 	defer unlock()
 	v, err := p.Get(vid.Token)
-	if status.Code(err) == codes.NotFound {
+	if isNotFound(err) {
 		return &csi.ControllerUnpublishVolumeResponse{}, nil
 	} else if err != nil {
 		return nil, err

@@ -57,7 +57,7 @@ func createReq(name string, n int64, c *csi.VolumeCapability) *csi.CreateVolumeR
 
 func wantCode(t *testing.T, err error, code codes.Code) {
 	t.Helper()
-	if status.Code(err) != code {
+	if status.Code(toStatus(err)) != code {
 		t.Fatalf("got %v, want code %s", err, code)
 	}
 }
@@ -98,7 +98,7 @@ func TestCreateVolume(t *testing.T) {
 		"multi node":     {Name: "x", VolumeCapabilities: []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}, AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER}}}},
 	} {
 		_, err := d.CreateVolume(ctx, req)
-		if status.Code(err) != codes.InvalidArgument {
+		if status.Code(toStatus(err)) != codes.InvalidArgument {
 			t.Errorf("%s: %v, want InvalidArgument", name, err)
 		}
 	}
@@ -308,7 +308,7 @@ func TestNodeStageRefusals(t *testing.T) {
 	stale := map[string]string{ctxNode: testNode, ctxGeneration: "7"}
 	for name, pctx := range map[string]map[string]string{"missing": nil, "stale": stale, "other node": {ctxNode: "node-2", ctxGeneration: "1"}} {
 		_, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c, PublishContext: pctx})
-		if status.Code(err) != codes.FailedPrecondition {
+		if status.Code(toStatus(err)) != codes.FailedPrecondition {
 			t.Errorf("%s publish context: %v, want FailedPrecondition", name, err)
 		}
 	}
@@ -326,7 +326,7 @@ func TestNodeStageRefusals(t *testing.T) {
 		"no capability":    {VolumeId: id, StagingTargetPath: staging, PublishContext: pc},
 		"no volume":        {StagingTargetPath: staging, VolumeCapability: c, PublishContext: pc},
 	} {
-		if _, err := d.NodeStageVolume(ctx, req); status.Code(err) != codes.InvalidArgument {
+		if _, err := d.NodeStageVolume(ctx, req); status.Code(toStatus(err)) != codes.InvalidArgument {
 			t.Errorf("%s: %v, want InvalidArgument", name, err)
 		}
 	}
@@ -394,7 +394,7 @@ func TestCopiesKeepTheirOriginsKind(t *testing.T) {
 		req := createReq("copy-"+strings.ReplaceAll(tc.name, " ", "-"), 1<<20, tc.c)
 		req.VolumeContentSource = tc.src
 		_, err := d.CreateVolume(ctx, req)
-		if status.Code(err) != tc.want {
+		if status.Code(toStatus(err)) != tc.want {
 			t.Errorf("%s: %v, want %s", tc.name, err, tc.want)
 		}
 	}

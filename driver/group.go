@@ -5,8 +5,6 @@ import (
 	"slices"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 	"k8s.io/klog/v2"
 
@@ -192,7 +190,7 @@ func (d *Driver) DeleteVolumeGroupSnapshot(_ context.Context, req *csi.DeleteVol
 	}
 	defer unlock()
 	g, err := p.GetGroup(gid.Token)
-	if status.Code(err) == codes.NotFound {
+	if isNotFound(err) {
 		return &csi.DeleteVolumeGroupSnapshotResponse{}, nil
 	} else if err != nil {
 		return nil, err

@@ -37,20 +37,42 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	return resp, nil
 }
 
-// toStatus maps an error to its gRPC status, in one place: errors that
-// carry a status keep it; the sentinel errors of the packages below the
-// driver get the code that tells the CO what to do; anything else is an
-// unexpected failure, Internal.
+// ToStatus maps an error of a handler to its gRPC status, in one place (the
+// interceptor, and the offline controller of `spool volume`): errors that
+// carry a status keep it; the error kinds of the packages below the driver
+// get the code that tells the CO what to do; anything else is an
+// unexpected failure, Internal. nil stays nil.
+func ToStatus(err error) error { return toStatus(err) }
+
+// poolCodes are the gRPC codes of pool's error kinds.
+var poolCodes = []struct {
+	kind error
+	code codes.Code
+}{
+	{pool.ErrNotFound, codes.NotFound},
+	{pool.ErrExhausted, codes.ResourceExhausted},
+	{pool.ErrInProgress, codes.Aborted},  // the CO retries
+	{pool.ErrBusy, codes.Aborted},        // another process holds the lock: retry
+	{pool.ErrTooSmall, codes.OutOfRange}, // a copy smaller than its source
+	{pool.ErrUnsupported, codes.InvalidArgument},
+	{pool.ErrInUse, codes.FailedPrecondition},
+	{pool.ErrUntrusted, codes.FailedPrecondition}, // an administrator must look at the pool
+}
+
 func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
 	code := codes.Internal
+	for _, pc := range poolCodes {
+		if errors.Is(err, pc.kind) {
+			return status.Error(pc.code, err.Error())
+		}
+	}
 	switch {
-	case errors.Is(err, pool.ErrBusy):
-		code = codes.Aborted // another process holds the lock: retry
-	case errors.Is(err, pool.ErrUntrusted):
-		code = codes.FailedPrecondition // an administrator must look at the pool
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded
 	case errors.Is(err, context.Canceled):
@@ -77,4 +99,9 @@ func abortedf(format string, args ...any) error {
 
 func alreadyExistsf(format string, args ...any) error {
 	return status.Errorf(codes.AlreadyExists, format, args...)
+}
+
+// isNotFound reports whether err says that the object does not exist.
+func isNotFound(err error) bool {
+	return status.Code(toStatus(err)) == codes.NotFound
 }

@@ -120,7 +120,7 @@ func TestSharedVolumeMovesBetweenNodes(t *testing.T) {
 	}
 
 	// A node that never registered (no node plugin sees the share there).
-	if _, err := c.publish(t, id, "node-z", vc); status.Code(err) != codes.NotFound {
+	if _, err := c.publish(t, id, "node-z", vc); status.Code(toStatus(err)) != codes.NotFound {
 		t.Fatalf("publish to an unregistered node: %v", err)
 	}
 	pcA, err := c.publish(t, id, "node-a", vc)
@@ -135,18 +135,18 @@ func TestSharedVolumeMovesBetweenNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	// B may neither be attached nor stage while A holds the volume.
-	if _, err := c.publish(t, id, "node-b", vc); status.Code(err) != codes.FailedPrecondition {
+	if _, err := c.publish(t, id, "node-b", vc); status.Code(toStatus(err)) != codes.FailedPrecondition {
 		t.Fatalf("publish to node-b while attached to node-a: %v", err)
 	}
 	pcFake := map[string]string{ctxNode: "node-b", ctxGeneration: pcA[ctxGeneration], ctxPoolID: pcA[ctxPoolID]}
 	for name, pc := range map[string]map[string]string{"node-a's": pcA, "forged": pcFake} {
-		if err := c.stage(id, "node-b", vc, pc, stB); status.Code(err) != codes.FailedPrecondition {
+		if err := c.stage(id, "node-b", vc, pc, stB); status.Code(toStatus(err)) != codes.FailedPrecondition {
 			t.Fatalf("stage on node-b with %s publish context: %v", name, err)
 		}
 	}
 	// Nor with a context that claims a node-local attach.
 	nodeLocal := map[string]string{ctxNode: "node-b", ctxAttachedBy: "node"}
-	if err := c.stage(id, "node-b", vc, nodeLocal, stB); status.Code(err) != codes.FailedPrecondition {
+	if err := c.stage(id, "node-b", vc, nodeLocal, stB); status.Code(toStatus(err)) != codes.FailedPrecondition {
 		t.Fatalf("stage on node-b with a node-local publish context: %v", err)
 	}
 	if c.k["node-b"].attached() != 0 {
@@ -174,7 +174,7 @@ func TestSharedVolumeMovesBetweenNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A's old publish context no longer stages anything.
-	if err := c.stage(id, "node-a", vc, pcA, stA); status.Code(err) != codes.FailedPrecondition {
+	if err := c.stage(id, "node-a", vc, pcA, stA); status.Code(toStatus(err)) != codes.FailedPrecondition {
 		t.Fatalf("stage with a stale publish context: %v", err)
 	}
 	if c.k["node-a"].attached() != 0 || c.k["node-b"].attached() != 1 {
@@ -218,7 +218,7 @@ func TestSharedForceDetach(t *testing.T) {
 	if !hasReason(c.health(t, id, "node-a"), reasonAttachmentLost) {
 		t.Fatal("node-a forgot that it lost the attachment")
 	}
-	if err := c.stage(id, "node-a", vc, pcA, stA); status.Code(err) != codes.FailedPrecondition {
+	if err := c.stage(id, "node-a", vc, pcA, stA); status.Code(toStatus(err)) != codes.FailedPrecondition {
 		t.Fatalf("stage on node-a after force detach: %v", err)
 	}
 	// Even attached to node-a again, its old staging is not the new one;
@@ -273,7 +273,7 @@ func TestSharedRacingControllers(t *testing.T) {
 		for _, err := range errs {
 			if err == nil {
 				ok++
-			} else if status.Code(err) != codes.FailedPrecondition {
+			} else if status.Code(toStatus(err)) != codes.FailedPrecondition {
 				t.Fatalf("losing publish: %v, want FailedPrecondition", err)
 			}
 		}
@@ -305,7 +305,7 @@ func TestSharedAccessModes(t *testing.T) {
 			t.Fatalf("reader attachment of %s is not read-only: %v", n, pc)
 		}
 	}
-	if _, err := c.publish(t, id, "node-c", mountCap("ext4")); status.Code(err) != codes.FailedPrecondition {
+	if _, err := c.publish(t, id, "node-c", mountCap("ext4")); status.Code(toStatus(err)) != codes.FailedPrecondition {
 		t.Fatalf("a writer joined readers: %v", err)
 	}
 
@@ -342,7 +342,7 @@ func TestSharedPoolMustBeTheSameShare(t *testing.T) {
 		t.Fatal(err)
 	}
 	wrong := map[string]string{ctxNode: "node-a", ctxGeneration: pc[ctxGeneration], ctxPoolID: "0123456789abcdef01234567"}
-	if err := c.stage(id, "node-a", vc, wrong, filepath.Join(t.TempDir(), "a")); status.Code(err) != codes.FailedPrecondition {
+	if err := c.stage(id, "node-a", vc, wrong, filepath.Join(t.TempDir(), "a")); status.Code(toStatus(err)) != codes.FailedPrecondition {
 		t.Fatalf("stage with another pool's ID: %v", err)
 	}
 	// The share goes away on node-a (in this test: its identity file).
@@ -361,7 +361,7 @@ func TestSharedPoolMustBeTheSameShare(t *testing.T) {
 	if _, ok := info.GetAccessibleTopology().GetSegments()["spool.csi.dev/pool-nfs"]; ok {
 		t.Fatal("a node without the share reports its topology")
 	}
-	if err := c.stage(id, "node-a", vc, pc, filepath.Join(t.TempDir(), "a")); status.Code(err) != codes.FailedPrecondition {
+	if err := c.stage(id, "node-a", vc, pc, filepath.Join(t.TempDir(), "a")); status.Code(toStatus(err)) != codes.FailedPrecondition {
 		t.Fatalf("stage without the share: %v", err)
 	}
 	if c.k["node-a"].attached() != 0 {

@@ -185,7 +185,7 @@ func (d *Driver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotReques
 	}
 	defer unlock()
 	s, err := p.GetSnapshot(sid.Token)
-	if status.Code(err) == codes.NotFound {
+	if isNotFound(err) {
 		return &csi.DeleteSnapshotResponse{}, nil
 	} else if err != nil {
 		return nil, err

@@ -35,7 +35,7 @@ func TestVolumeSize(t *testing.T) {
 		{1<<63 - 1, 0, "", 0, codes.OutOfRange},
 	} {
 		got, err := volumeSize(&csi.CapacityRange{RequiredBytes: c.req, LimitBytes: c.lim}, c.fsType)
-		if status.Code(err) != c.code || got != c.want {
+		if status.Code(toStatus(err)) != c.code || got != c.want {
 			t.Errorf("volumeSize(%d, %d, %q) = %d, %v; want %d, %s", c.req, c.lim, c.fsType, got, err, c.want, c.code)
 		}
 	}
@@ -53,7 +53,7 @@ func TestParseParams(t *testing.T) {
 	for _, bad := range []map[string]string{
 		{"pool": ""}, {"pool": "../x"}, {"pool": "Fast"}, {"provisioning": "THIN"}, {"fsType": "ext4"}, {"": "x"},
 	} {
-		if _, err := parseParams(bad); status.Code(err) != codes.InvalidArgument {
+		if _, err := parseParams(bad); status.Code(toStatus(err)) != codes.InvalidArgument {
 			t.Errorf("parseParams(%v) = %v, want InvalidArgument", bad, err)
 		}
 	}
@@ -79,8 +79,8 @@ func FuzzParseParams(f *testing.F) {
 	f.Fuzz(func(t *testing.T, k1, v1, k2, v2 string) {
 		p, err := parseParams(map[string]string{k1: v1, k2: v2})
 		if err != nil {
-			if status.Code(err) != codes.InvalidArgument {
-				t.Fatalf("parseParams error with code %s: %v", status.Code(err), err)
+			if status.Code(toStatus(err)) != codes.InvalidArgument {
+				t.Fatalf("parseParams error with code %s: %v", status.Code(toStatus(err)), err)
 			}
 			return
 		}
@@ -101,7 +101,7 @@ func FuzzVolumeSize(f *testing.F) {
 	f.Fuzz(func(t *testing.T, req, lim int64, fsType string) {
 		n, err := volumeSize(&csi.CapacityRange{RequiredBytes: req, LimitBytes: lim}, fsType)
 		if err != nil {
-			if c := status.Code(err); c != codes.InvalidArgument && c != codes.OutOfRange {
+			if c := status.Code(toStatus(err)); c != codes.InvalidArgument && c != codes.OutOfRange {
 				t.Fatalf("volumeSize error with code %s: %v", c, err)
 			}
 			return
@@ -128,7 +128,7 @@ func TestParameterBounds(t *testing.T) {
 		"long value": {"csi.storage.k8s.io/pvc/name": strings.Repeat("v", maxParamValueBytes+1)},
 		"too large":  huge,
 	} {
-		if _, err := parseParams(in); status.Code(err) != codes.InvalidArgument {
+		if _, err := parseParams(in); status.Code(toStatus(err)) != codes.InvalidArgument {
 			t.Errorf("%s: %v, want InvalidArgument", name, err)
 		}
 	}

@@ -146,6 +146,33 @@ func (r remote) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetV
 
 func (r remote) Close() { _ = r.conn.Close() }
 
+// local calls the driver's controller handlers in this process. Like the
+// gRPC server's interceptor, it gives their errors gRPC codes
+// (driver.ToStatus): this is the other edge of the driver.
+type local struct{ d *driver.Driver }
+
+func (l local) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	r, err := l.d.CreateVolume(ctx, req)
+	return r, driver.ToStatus(err)
+}
+
+func (l local) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	r, err := l.d.DeleteVolume(ctx, req)
+	return r, driver.ToStatus(err)
+}
+
+func (l local) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	r, err := l.d.ListVolumes(ctx, req)
+	return r, driver.ToStatus(err)
+}
+
+func (l local) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+	r, err := l.d.ControllerGetVolume(ctx, req)
+	return r, driver.ToStatus(err)
+}
+
+func (l local) Close() { l.d.Close() }
+
 func (c *common) register(fs *flag.FlagSet) {
 	fs.Var(&c.pools, "pool", "pool NAME=DIR[,capacity=SIZE], as given to the driver; repeat for more pools; the first is the default (required)")
 	fs.StringVar(&c.nodeID, "node-id", "", "the --node-id of the driver that serves the pools (required)")
@@ -236,7 +263,7 @@ func (c *common) open() (controller, error) {
 	if err != nil {
 		return nil, err
 	}
-	return d, nil
+	return local{d}, nil
 }
 
 // checkNode refuses a --node-id that differs from the node named by the

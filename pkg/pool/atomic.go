@@ -2,47 +2,89 @@ package pool
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/spool-csi/spool/pkg/faults"
+	"github.com/spool-csi/spool/pkg/volid"
 )
 
 // writeFileAtomic replaces path with data so that a crash leaves either the
 // old or the new content: temp file, fsync, rename, fsync of the directory.
+// Only for paths that are not inside a pool's directories (the identity
+// file of a pool being made); the pool's own files go through writeAtomic.
 func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	dir, err := os.Open(filepath.Dir(path))
 	if err != nil {
-		return fmt.Errorf("creating temp file for %s: %w", path, err)
+		return fmt.Errorf("opening the directory of %s: %w", path, err)
 	}
-	tmp := f.Name()
+	defer dir.Close()
+	return writeAtomicAt(dir, filepath.Base(path), data)
+}
+
+// writeAtomic is writeFileAtomic for rel, a file of the pool: its directory
+// is opened beneath the pool root (never through a link) and the temp file
+// is made and renamed relative to that descriptor, so a volume directory
+// replaced by a link cannot make Spool write, or replace, a file elsewhere.
+func (p *Pool) writeAtomic(rel string, data []byte) error {
+	dir, err := p.openBeneath(filepath.Dir(rel), unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	return writeAtomicAt(dir, filepath.Base(rel), data)
+}
+
+// writeAtomicAt writes name in the open directory dir: temp file (never
+// following a link), fsync, rename, fsync of the directory.
+func writeAtomicAt(dir *os.File, name string, data []byte) error {
+	dfd := int(dir.Fd())
+	var tmp string
+	var fd int
+	for try := 0; ; try++ {
+		suffix, err := volid.NewToken()
+		if err != nil {
+			return err
+		}
+		tmp = "." + name + ".tmp-" + suffix
+		fd, err = unix.Openat(dfd, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, unix.EEXIST) || try == 3 {
+			return fmt.Errorf("creating a temp file for %s in %s: %w", name, dir.Name(), err)
+		}
+	}
+	f := os.NewFile(uintptr(fd), filepath.Join(dir.Name(), tmp))
 	ok := false
 	defer func() {
 		if !ok {
 			_ = f.Close()
-			_ = os.Remove(tmp)
+			_ = unix.Unlinkat(dfd, tmp, 0)
 		}
 	}()
 	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("writing %s: %w", tmp, err)
-	}
-	if err := f.Chmod(0o600); err != nil {
-		return fmt.Errorf("chmod %s: %w", tmp, err)
+		return fmt.Errorf("writing %s: %w", f.Name(), err)
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", tmp, err)
+		return fmt.Errorf("fsync %s: %w", f.Name(), err)
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("closing %s: %w", tmp, err)
+		return fmt.Errorf("closing %s: %w", f.Name(), err)
 	}
 	faults.Point("meta-temp-written")
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("renaming %s to %s: %w", tmp, path, err)
+	if err := unix.Renameat(dfd, tmp, dfd, name); err != nil {
+		return fmt.Errorf("renaming %s to %s in %s: %w", tmp, name, dir.Name(), err)
 	}
 	ok = true
-	return syncDir(dir)
+	if err := dir.Sync(); err != nil {
+		return fmt.Errorf("fsync directory %s: %w", dir.Name(), err)
+	}
+	return nil
 }
 
 // syncDir makes a rename or create inside dir durable.

@@ -6,8 +6,6 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/spool-csi/spool/pkg/imagecopy"
 	"github.com/spool-csi/spool/pkg/size"
@@ -127,7 +125,7 @@ func (p *Pool) reserveSnapshot(src *os.File, srcID string) (release func(), err 
 		return nil, fmt.Errorf("statfs %s: %w", p.root, err)
 	}
 	if free := int64(fs.Bavail) * fs.Bsize; free-need < MetadataReserve {
-		return nil, status.Errorf(codes.ResourceExhausted, "pool %s: a snapshot of %s needs %s and would leave less than %s free (%s free): the rest is kept for detaching and deleting volumes",
+		return nil, errorf(ErrExhausted, "pool %s: a snapshot of %s needs %s and would leave less than %s free (%s free): the rest is kept for detaching and deleting volumes",
 			p.name, srcID, size.Format(need), size.Format(MetadataReserve), size.Format(free))
 	}
 	release, err = p.reserve(need)
@@ -193,6 +191,6 @@ func (p *Pool) reserve(n int64) (release func(), err error) {
 		}
 		p.mu.Unlock()
 	}
-	return nil, status.Errorf(codes.ResourceExhausted, "pool %s cannot hold %s more: %s available (capacity %s)",
+	return nil, errorf(ErrExhausted, "pool %s cannot hold %s more: %s available (capacity %s)",
 		p.name, size.Format(n), size.Format(max(avail, 0)), size.Format(total))
 }

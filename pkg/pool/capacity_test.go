@@ -3,13 +3,12 @@ package pool
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/spool-csi/spool/pkg/size"
 )
@@ -55,11 +54,11 @@ func TestSnapshotsCountAgainstCapacity(t *testing.T) {
 	}
 	// 100 MiB: 40 the volume, 40 the first snapshot; a second does not fit.
 	_, _, err = p.CreateSnapshot(ctx, SnapshotRequest{Name: "s2", SourceToken: v.Token()})
-	if status.Code(err) != codes.ResourceExhausted {
+	if !errors.Is(err, ErrExhausted) {
 		t.Fatalf("second snapshot: %v, want ResourceExhausted", err)
 	}
 	// Nor does a volume that needs what the snapshot holds.
-	if _, _, err := p.CreateVolume(ctx, req("more", 40*size.MiB)); status.Code(err) != codes.ResourceExhausted {
+	if _, _, err := p.CreateVolume(ctx, req("more", 40*size.MiB)); !errors.Is(err, ErrExhausted) {
 		t.Fatalf("a volume beyond what the snapshot left: %v, want ResourceExhausted", err)
 	}
 	// Deleting the snapshot gives the room back, also after a reopen.

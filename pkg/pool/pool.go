@@ -387,7 +387,7 @@ func (p *Pool) repairSize(v *Volume) {
 	v.CapacityBytes = fi.Size()
 	data, err := json.MarshalIndent(v, "", "  ")
 	if err == nil {
-		err = writeFileAtomic(filepath.Join(p.volumeDir(v.token), metaFile), data)
+		err = p.writeAtomic(filepath.Join(volumesDir, v.token, metaFile), data)
 	}
 	if err != nil {
 		v.CapacityBytes = was

@@ -2,14 +2,12 @@ package pool
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/spool-csi/spool/pkg/size"
 	"github.com/spool-csi/spool/pkg/volid"
@@ -60,7 +58,7 @@ func TestCreateGetDelete(t *testing.T) {
 	if _, err := os.Stat(filepath.Dir(img)); !os.IsNotExist(err) {
 		t.Fatalf("volume directory still there: %v", err)
 	}
-	if _, err := p.Get(v.Token()); status.Code(err) != codes.NotFound {
+	if _, err := p.Get(v.Token()); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Get after delete: %v", err)
 	}
 	if err := p.DeleteVolume(v.Token()); err != nil {
@@ -98,7 +96,7 @@ func TestCapacityCountsProvisionedBytes(t *testing.T) {
 	}
 	// The thin image holds no data, yet its full size is spoken for.
 	_, _, err = p.CreateVolume(context.Background(), req("b", 41*size.MiB))
-	if status.Code(err) != codes.ResourceExhausted {
+	if !errors.Is(err, ErrExhausted) {
 		t.Fatalf("over-provisioning: %v, want ResourceExhausted", err)
 	}
 	if _, _, err := p.CreateVolume(context.Background(), req("b", 40*size.MiB)); err != nil {
@@ -117,7 +115,7 @@ func TestConcurrentCreateSameName(t *testing.T) {
 			v, _, err := p.CreateVolume(context.Background(), req("same", size.MiB))
 			if err == nil {
 				ids <- v.ID
-			} else if status.Code(err) != codes.Aborted {
+			} else if !errors.Is(err, ErrInProgress) {
 				t.Errorf("CreateVolume: %v", err)
 			}
 		}()
@@ -304,7 +302,7 @@ func TestSnapshotsAndCopies(t *testing.T) {
 	}
 	small := req("too-small", 4*size.MiB)
 	small.SourceKind, small.SourceToken = SourceSnapshot, s.Token()
-	if _, _, err := p.CreateVolume(ctx, small); status.Code(err) != codes.OutOfRange {
+	if _, _, err := p.CreateVolume(ctx, small); !errors.Is(err, ErrTooSmall) {
 		t.Fatalf("restoring into a smaller volume: %v, want OutOfRange", err)
 	}
 
@@ -319,7 +317,7 @@ func TestSnapshotsAndCopies(t *testing.T) {
 	if _, err := q.GetSnapshot(s.Token()); err != nil {
 		t.Fatalf("snapshot lost on reopen: %v", err)
 	}
-	if _, err := q.GetSnapshot(orphan.Token()); status.Code(err) != codes.NotFound {
+	if _, err := q.GetSnapshot(orphan.Token()); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("orphaned group member survived reopen: %v", err)
 	}
 	if err := q.DeleteSnapshot(s.Token()); err != nil {
@@ -355,7 +353,7 @@ func TestGroups(t *testing.T) {
 	if err := p.DeleteGroup(gid.Token); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := p.GetSnapshot(s.Token()); status.Code(err) != codes.NotFound {
+	if _, err := p.GetSnapshot(s.Token()); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("member survived its group: %v", err)
 	}
 }
@@ -367,7 +365,7 @@ func TestExpandAndProvisioning(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := p.ExpandVolume(v.Token(), 101*size.MiB); status.Code(err) != codes.ResourceExhausted {
+	if _, err := p.ExpandVolume(v.Token(), 101*size.MiB); !errors.Is(err, ErrExhausted) {
 		t.Fatalf("growing past the pool: %v, want ResourceExhausted", err)
 	}
 	g, err := p.ExpandVolume(v.Token(), 60*size.MiB)

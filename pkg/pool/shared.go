@@ -32,8 +32,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/volid"
@@ -225,7 +223,7 @@ func (p *Pool) lockVolume(token string) (func(), error) {
 	t0 := time.Now()
 	unlock, err := p.flock(filepath.Join(volumesDir, token, volumeLockFile))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, status.Errorf(codes.NotFound, "volume %s::%s does not exist", p.name, token)
+		return nil, errorf(ErrNotFound, "volume %s::%s does not exist", p.name, token)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("pool %s: locking volume %s: %w", p.name, token, err)
@@ -246,7 +244,7 @@ func (p *Pool) reload(token string) (Volume, error) {
 		if had {
 			p.forget(old)
 		}
-		return Volume{}, status.Errorf(codes.NotFound, "volume %s::%s does not exist", p.name, token)
+		return Volume{}, errorf(ErrNotFound, "volume %s::%s does not exist", p.name, token)
 	}
 	if err != nil {
 		return Volume{}, fmt.Errorf("pool %s: reading volume %s: %w", p.name, token, err)
@@ -389,7 +387,7 @@ func (p *Pool) RegisterNode(node string) error {
 		return fmt.Errorf("pool %s: creating %s: %w", p.name, nodesDir, err)
 	}
 	data, _ := json.MarshalIndent(nodeRecord{Node: node, RegisteredAt: time.Now().UTC()}, "", "  ")
-	if err := writeFileAtomic(filepath.Join(dir, node+".json"), data); err != nil {
+	if err := p.writeAtomic(filepath.Join(nodesDir, node+".json"), data); err != nil {
 		return fmt.Errorf("pool %s: registering node %s: %w", p.name, node, err)
 	}
 	klog.InfoS("Registered this node in shared pool", "pool", p.name, "node", node)

@@ -9,9 +9,6 @@ import (
 	"sync"
 	"testing"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
 	"github.com/spool-csi/spool/pkg/size"
 	"github.com/spool-csi/spool/pkg/volid"
 )
@@ -165,7 +162,7 @@ func TestSharedPoolSeesOtherControllers(t *testing.T) {
 		t.Fatalf("Get on the other controller after an attach: %+v %v", got, err)
 	}
 	// Attached: b may not delete it, even though its own index is old.
-	if err := b.DeleteVolume(v.Token()); status.Code(err) != codes.FailedPrecondition {
+	if err := b.DeleteVolume(v.Token()); !errors.Is(err, ErrInUse) {
 		t.Fatalf("DeleteVolume of an attached volume: %v", err)
 	}
 	if _, err := a.Update(v.Token(), func(v *Volume) error { v.Attachments = nil; return nil }); err != nil {
@@ -174,7 +171,7 @@ func TestSharedPoolSeesOtherControllers(t *testing.T) {
 	if err := b.DeleteVolume(v.Token()); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Get(v.Token()); status.Code(err) != codes.NotFound {
+	if _, err := a.Get(v.Token()); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Get on the first controller after the other deleted it: %v", err)
 	}
 	if _, ok := a.GetByName("pvc-1"); ok {
@@ -365,7 +362,7 @@ func TestSharedPoolSnapshotsSeenByOtherControllers(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, snapshotsDir, s.Token())); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("snapshot directory after DeleteSnapshot: %v", err)
 	}
-	if _, err := a.GetSnapshot(s.Token()); status.Code(err) != codes.NotFound {
+	if _, err := a.GetSnapshot(s.Token()); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("GetSnapshot on the first controller after the other deleted it: %v", err)
 	}
 	if _, ok := a.GetSnapshotByName("snap-1"); ok || len(a.ListSnapshots()) != 0 {
@@ -383,7 +380,7 @@ func TestSharedPoolSnapshotsSeenByOtherControllers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.GetSnapshot(m.Token()); status.Code(err) != codes.NotFound {
+	if _, err := b.GetSnapshot(m.Token()); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("a member is visible before its group is recorded: %v", err)
 	}
 	// A failed group snapshot removes its members, which no index lists.
@@ -407,7 +404,7 @@ func TestSharedPoolSnapshotsSeenByOtherControllers(t *testing.T) {
 		t.Fatalf("member on the other controller: %v", err)
 	}
 	other, _ := volid.New(volid.KindGroup, "nfs", "")
-	if _, err := b.CreateGroup(other, "group-1", []string{m.ID}); status.Code(err) != codes.Aborted {
+	if _, err := b.CreateGroup(other, "group-1", []string{m.ID}); !errors.Is(err, ErrInProgress) {
 		t.Fatalf("second group of the same name: %v", err)
 	}
 	if err := b.DeleteGroup(gid.Token); err != nil {

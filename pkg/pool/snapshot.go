@@ -12,8 +12,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/faults"
@@ -101,7 +99,7 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 	}
 	if p.pending["snapshot/"+req.Name] {
 		p.mu.Unlock()
-		return Snapshot{}, false, status.Errorf(codes.Aborted, "snapshot %q is being created", req.Name)
+		return Snapshot{}, false, errorf(ErrInProgress, "snapshot %q is being created", req.Name)
 	}
 	p.pending["snapshot/"+req.Name] = true
 	p.mu.Unlock()
@@ -201,14 +199,14 @@ func (p *Pool) snapshotNamed(name string) (string, bool) {
 	return tok, ok
 }
 
-// GetSnapshot returns the snapshot with this token, or a NotFound status.
+// GetSnapshot returns the snapshot with this token, or an error wrapping ErrNotFound.
 func (p *Pool) GetSnapshot(token string) (Snapshot, error) {
 	p.refreshSnapshots()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s, ok := p.snaps[token]
 	if !ok {
-		return Snapshot{}, status.Errorf(codes.NotFound, "snapshot %s:%s:snap-%s does not exist", p.name, p.node, token)
+		return Snapshot{}, errorf(ErrNotFound, "snapshot %s:%s:snap-%s does not exist", p.name, p.node, token)
 	}
 	return *s, nil
 }
@@ -242,7 +240,7 @@ func (p *Pool) ListSnapshots() []Snapshot {
 // already deleted.
 func (p *Pool) DeleteSnapshot(token string) error {
 	s, err := p.GetSnapshot(token)
-	if status.Code(err) == codes.NotFound {
+	if errors.Is(err, ErrNotFound) {
 		if p.shared {
 			// The index of a shared pool leaves out the members of a
 			// group whose record is not written (a failed group snapshot
@@ -317,7 +315,7 @@ func (p *Pool) CreateGroup(id volid.ID, name string, snapshotIDs []string) (Grou
 				p.mu.Unlock()
 				if taken {
 					// The caller removes its members; a retry finds the other's group.
-					return status.Errorf(codes.Aborted, "group snapshot %q was just created by another controller", name)
+					return errorf(ErrInProgress, "group snapshot %q was just created by another controller", name)
 				}
 				return commitDir(tmp, p.groupDir(id.Token), groupMeta, &g)
 			})
@@ -343,7 +341,7 @@ func (p *Pool) GetGroup(token string) (Group, error) {
 	defer p.mu.Unlock()
 	g, ok := p.groups[token]
 	if !ok {
-		return Group{}, status.Errorf(codes.NotFound, "group snapshot %s:%s:group-%s does not exist", p.name, p.node, token)
+		return Group{}, errorf(ErrNotFound, "group snapshot %s:%s:group-%s does not exist", p.name, p.node, token)
 	}
 	c := *g
 	c.SnapshotIDs = slices.Clone(g.SnapshotIDs)
@@ -368,7 +366,7 @@ func (p *Pool) GetGroupByName(name string) (Group, bool) {
 // goes first: members left by a crash are orphans that Open removes.
 func (p *Pool) DeleteGroup(token string) error {
 	g, err := p.GetGroup(token)
-	if status.Code(err) == codes.NotFound {
+	if errors.Is(err, ErrNotFound) {
 		return nil
 	}
 	// Already gone: another controller of a shared pool deleted it (as

@@ -12,8 +12,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/faults"
@@ -145,7 +143,7 @@ type CreateRequest struct {
 // name with created=false (the caller decides whether it is compatible).
 func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, created bool, err error) {
 	if req.CapacityBytes <= 0 || req.CapacityBytes%size.MiB != 0 {
-		return Volume{}, false, status.Errorf(codes.Internal, "capacity %d is not a positive multiple of 1 MiB", req.CapacityBytes)
+		return Volume{}, false, fmt.Errorf("capacity %d is not a positive multiple of 1 MiB", req.CapacityBytes)
 	}
 	p.mu.Lock()
 	if tok, ok := p.names[req.Name]; ok {
@@ -155,7 +153,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 	}
 	if p.pending[req.Name] {
 		p.mu.Unlock()
-		return Volume{}, false, status.Errorf(codes.Aborted, "volume %q is being created", req.Name)
+		return Volume{}, false, errorf(ErrInProgress, "volume %q is being created", req.Name)
 	}
 	p.pending[req.Name] = true
 	p.mu.Unlock()
@@ -198,13 +196,13 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 		}
 		defer image.Close()
 		if src.size > req.CapacityBytes {
-			return Volume{}, false, status.Errorf(codes.OutOfRange, "%s %s holds %s, more than the %s asked for", req.SourceKind, src.id, size.Format(src.size), size.Format(req.CapacityBytes))
+			return Volume{}, false, errorf(ErrTooSmall, "%s %s holds %s, more than the %s asked for", req.SourceKind, src.id, size.Format(src.size), size.Format(req.CapacityBytes))
 		}
 		v.Source = &Source{Kind: req.SourceKind, ID: src.id}
 		v.NewFilesystemID = true
 		srcImage = image
 	default:
-		return Volume{}, false, status.Errorf(codes.Internal, "unknown source kind %q", req.SourceKind)
+		return Volume{}, false, fmt.Errorf("unknown source kind %q", req.SourceKind)
 	}
 	if err := p.build(ctx, &v, srcImage); err != nil {
 		var taken errNameTaken
@@ -291,15 +289,15 @@ func sizeFile(f *os.File, n int64, prov Provisioning) error {
 		return fmt.Errorf("stat image: %w", err)
 	}
 	if fi.Size() > n {
-		return status.Errorf(codes.Internal, "image is %d bytes, larger than %d", fi.Size(), n)
+		return fmt.Errorf("image is %d bytes, larger than %d", fi.Size(), n)
 	}
 	if prov == Thick {
 		if err := unix.Fallocate(int(f.Fd()), 0, 0, n); err != nil {
 			if errors.Is(err, unix.EOPNOTSUPP) {
-				return status.Errorf(codes.InvalidArgument, "the pool's filesystem cannot preallocate: use provisioning: thin")
+				return errorf(ErrUnsupported, "the pool's filesystem cannot preallocate: use provisioning: thin")
 			}
 			if errors.Is(err, unix.ENOSPC) {
-				return status.Errorf(codes.ResourceExhausted, "no space left to preallocate %s", size.Format(n))
+				return errorf(ErrExhausted, "no space left to preallocate %s", size.Format(n))
 			}
 			return fmt.Errorf("preallocating image: %w", err)
 		}
@@ -326,11 +324,11 @@ func makeImage(path string, bytes int64, prov Provisioning) error {
 	return f.Close()
 }
 
-// Get returns the volume with this token, or a NotFound status.
+// Get returns the volume with this token, or an error wrapping ErrNotFound.
 func (p *Pool) Get(token string) (Volume, error) {
 	if p.shared {
 		if !volid.IsToken(token) {
-			return Volume{}, status.Errorf(codes.NotFound, "volume token %q is malformed", token)
+			return Volume{}, errorf(ErrNotFound, "volume token %q is malformed", token)
 		}
 		return p.reload(token)
 	}
@@ -338,7 +336,7 @@ func (p *Pool) Get(token string) (Volume, error) {
 	defer p.mu.Unlock()
 	v, ok := p.vols[token]
 	if !ok {
-		return Volume{}, status.Errorf(codes.NotFound, "volume %s:%s:%s does not exist", p.name, p.node, token)
+		return Volume{}, errorf(ErrNotFound, "volume %s:%s:%s does not exist", p.name, p.node, token)
 	}
 	return v.clone(), nil
 }
@@ -378,7 +376,7 @@ var ErrUnchanged = errors.New("metadata unchanged")
 func (p *Pool) Update(token string, fn func(v *Volume) error) (Volume, error) {
 	if p.shared {
 		if !volid.IsToken(token) {
-			return Volume{}, status.Errorf(codes.NotFound, "volume token %q is malformed", token)
+			return Volume{}, errorf(ErrNotFound, "volume token %q is malformed", token)
 		}
 		unlock, err := p.lockVolume(token)
 		if err != nil {
@@ -399,7 +397,7 @@ func (p *Pool) Update(token string, fn func(v *Volume) error) (Volume, error) {
 	if err != nil {
 		return Volume{}, fmt.Errorf("encoding metadata: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(p.volumeDir(token), metaFile), data); err != nil {
+	if err := p.writeAtomic(filepath.Join(volumesDir, token, metaFile), data); err != nil {
 		return Volume{}, err
 	}
 	p.mu.Lock()
@@ -423,7 +421,7 @@ func (p *Pool) DeleteVolume(token string) error {
 	}
 	if p.busy[token] {
 		p.mu.Unlock()
-		return status.Errorf(codes.Aborted, "volume %s is being deleted", v.ID)
+		return errorf(ErrInProgress, "volume %s is being deleted", v.ID)
 	}
 	p.busy[token] = true
 	p.mu.Unlock()
@@ -435,7 +433,7 @@ func (p *Pool) DeleteVolume(token string) error {
 	if p.shared {
 		// Another controller may have attached it since the caller looked.
 		unlock, err := p.lockVolume(token)
-		if status.Code(err) == codes.NotFound {
+		if errors.Is(err, ErrNotFound) {
 			return nil
 		}
 		if err != nil {
@@ -447,7 +445,7 @@ func (p *Pool) DeleteVolume(token string) error {
 			return fmt.Errorf("pool %s: reading volume %s: %w", p.name, token, err)
 		}
 		if len(cur.Attachments) > 0 {
-			return status.Errorf(codes.FailedPrecondition, "volume %s is attached to node %s: ControllerUnpublishVolume it first", cur.ID, cur.Attachments[0].Node)
+			return errorf(ErrInUse, "volume %s is attached to node %s: ControllerUnpublishVolume it first", cur.ID, cur.Attachments[0].Node)
 		}
 	}
 

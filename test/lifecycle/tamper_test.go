@@ -298,3 +298,52 @@ func TestLoopOwnershipByIdentity(t *testing.T) {
 		t.Fatalf("unstage detached the other node plugin's device: %v", err)
 	}
 }
+
+// A volume's directory replaced by a link (to a copy of it outside the
+// pool) while the driver runs: no call writes through the link, and the
+// volume's image is not attached from there.
+func TestTamperedVolumeDirectory(t *testing.T) {
+	te := newTamperEnv(t)
+	c := ctx(t)
+	outside := filepath.Join(te.sentinel, "b", "c", "volume-copy")
+	if err := os.MkdirAll(outside, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"volume.json", "disk.img"} {
+		b, err := os.ReadFile(filepath.Join(te.volDir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(outside, f), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	te.digest = treeDigest(t, te.sentinel)
+	if err := os.Rename(te.volDir, te.volDir+".orig"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, te.volDir); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = os.Remove(te.volDir)
+		_ = os.Rename(te.volDir+".orig", te.volDir)
+	})
+	// Attach metadata changes: unpublish and publish again.
+	_, _ = te.c.ControllerUnpublishVolume(c, &csi.ControllerUnpublishVolumeRequest{VolumeId: te.vol.ID, NodeId: node})
+	_, _ = te.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: te.vol.ID, NodeId: node, VolumeCapability: te.vol.Cap})
+	_, _ = te.c.ControllerModifyVolume(c, &csi.ControllerModifyVolumeRequest{VolumeId: te.vol.ID, MutableParameters: map[string]string{"provisioning": "thick"}})
+	_, _ = te.c.ControllerExpandVolume(c, &csi.ControllerExpandVolumeRequest{VolumeId: te.vol.ID, CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}})
+	_, err := te.c.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: te.vol.ID, StagingTargetPath: te.vol.Staging, VolumeCapability: te.vol.Cap, PublishContext: te.vol.PublishContext})
+	if err == nil {
+		t.Error("NodeStageVolume staged a volume whose directory is a link out of the pool")
+	}
+	te.check()
+	// Put it back before the cleanup deletes the volume.
+	if err := os.Remove(te.volDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(te.volDir+".orig", te.volDir); err != nil {
+		t.Fatal(err)
+	}
+}
