@@ -86,6 +86,7 @@ fuzz: ## each fuzzer for a short bounded time
 	$(GO) test ./pkg/fs -run '^$$' -fuzz FuzzValidateMountOptions -fuzztime $(FUZZTIME)
 	$(GO) test ./driver -run '^$$' -fuzz FuzzParseParams -fuzztime $(FUZZTIME)
 	$(GO) test ./driver -run '^$$' -fuzz FuzzVolumeSize -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/pool -run '^$$' -fuzz FuzzReadMeta -fuzztime $(FUZZTIME)
 
 image: ## container image (needs a container engine)
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .

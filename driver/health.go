@@ -27,6 +27,7 @@ const (
 	reasonPoolOvercommitted  = "PoolOvercommitted"
 	reasonAttachmentLost     = "AttachmentLost"
 	reasonDeviceReconfigured = "DeviceReconfigured"
+	reasonInvalidObjects     = "InvalidObjects"
 )
 
 // poolNearlyFull is the share of a pool's capacity that, once provisioned,
@@ -149,6 +150,12 @@ func (d *Driver) NodeGetStorageHealth(context.Context, *csi.NodeGetStorageHealth
 			resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
 				Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: reasonPoolNearlyFull,
 				Message: fmt.Sprintf("pool %s has %d of %d bytes provisioned", name, c.Provisioned, c.Total),
+			})
+		}
+		if bad := p.Invalid(); len(bad) > 0 {
+			resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+				Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: reasonInvalidObjects,
+				Message: fmt.Sprintf("pool %s holds %d objects whose metadata is not what Spool writes, left untouched and not served: %s", name, len(bad), strings.Join(bad[:min(len(bad), 5)], ", ")),
 			})
 		}
 	}

@@ -58,7 +58,7 @@ type result struct {
 // src must be a regular file. After dst has been fsynced its parent directory
 // is fsynced too, so that the new directory entry is durable.
 func Copy(ctx context.Context, src, dst string) (Method, error) {
-	srcFd, err := open(src, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	srcFd, err := openAt(unix.AT_FDCWD, src, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "", fmt.Errorf("copy %s to %s: open source: %w", src, dst, err)
 	}
@@ -70,8 +70,21 @@ func Copy(ctx context.Context, src, dst string) (Method, error) {
 // CopyFrom is Copy from a source file the caller opened (and checked) for
 // reading: what was checked is what gets copied.
 func CopyFrom(ctx context.Context, srcFile *os.File, dst string) (Method, error) {
+	dir, err := os.Open(filepath.Dir(dst))
+	if err != nil {
+		return "", fmt.Errorf("copy %s to %s: open destination directory: %w", srcFile.Name(), dst, err)
+	}
+	defer dir.Close()
+	return CopyInto(ctx, srcFile, dir, filepath.Base(dst))
+}
+
+// CopyInto is CopyFrom into the file name of the open directory dir: the
+// destination is created, and on failure removed, relative to dir and never
+// through a link, so no path outside dir is ever resolved.
+func CopyInto(ctx context.Context, srcFile *os.File, dir *os.File, name string) (Method, error) {
 	start := time.Now()
 	src := srcFile.Name()
+	dst := target{dir: int(dir.Fd()), name: name, path: filepath.Join(dir.Name(), name)}
 	res, err := copyFile(ctx, int(srcFile.Fd()), src, dst)
 	if err != nil {
 		return "", err
@@ -82,7 +95,17 @@ func CopyFrom(ctx context.Context, srcFile *os.File, dst string) (Method, error)
 	return res.method, nil
 }
 
-func copyFile(ctx context.Context, srcFd int, src, dst string) (res result, err error) {
+// target is the destination of a copy: name in the open directory dir
+// (path is for messages).
+type target struct {
+	dir  int
+	name string
+	path string
+}
+
+func (t target) String() string { return t.path }
+
+func copyFile(ctx context.Context, srcFd int, src string, dst target) (res result, err error) {
 	if err := ctx.Err(); err != nil {
 		return res, fmt.Errorf("copy %s to %s: %w", src, dst, err)
 	}
@@ -97,7 +120,7 @@ func copyFile(ctx context.Context, srcFd int, src, dst string) (res result, err 
 	size := srcSt.Size
 	res.size = size
 
-	dstFd, err := open(dst, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
+	dstFd, err := openAt(dst.dir, dst.name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return res, fmt.Errorf("copy %s to %s: create destination: %w", src, dst, err)
 	}
@@ -158,8 +181,8 @@ func copyFile(ctx context.Context, srcFd int, src, dst string) (res result, err 
 	if err := unix.Close(dstFd); err != nil {
 		return res, wrap("close destination", err)
 	}
-	if err := syncDir(filepath.Dir(dst)); err != nil {
-		return res, wrap("", err)
+	if err := ignoringEINTR(func() error { return unix.Fsync(dst.dir) }); err != nil {
+		return res, wrap("fsync destination directory", err)
 	}
 	return res, nil
 }
@@ -300,11 +323,11 @@ func (c *copier) readWriteChunk(off, n int64) error {
 	return nil
 }
 
-func open(path string, flags int, mode uint32) (int, error) {
+func openAt(dir int, name string, flags int, mode uint32) (int, error) {
 	var fd int
 	err := ignoringEINTR(func() error {
 		var err error
-		fd, err = unix.Open(path, flags, mode)
+		fd, err = unix.Openat(dir, name, flags, mode)
 		return err
 	})
 	return fd, err
@@ -320,36 +343,23 @@ func ignoringEINTR(fn func() error) error {
 }
 
 // removeCreated removes the destination Copy created. When want is set it
-// only removes path if it is still that file, so a file someone else put
+// only removes it if it is still that file, so a file someone else put
 // there in the meantime is left alone.
-func removeCreated(path string, want *unix.Stat_t) error {
+func removeCreated(dst target, want *unix.Stat_t) error {
 	if want != nil {
 		var st unix.Stat_t
-		if err := unix.Lstat(path, &st); err != nil {
+		if err := unix.Fstatat(dst.dir, dst.name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			if errors.Is(err, unix.ENOENT) {
 				return nil
 			}
-			return fmt.Errorf("removing partial copy %s: %w", path, err)
+			return fmt.Errorf("removing partial copy %s: %w", dst, err)
 		}
 		if st.Dev != want.Dev || st.Ino != want.Ino {
-			return fmt.Errorf("not removing %s: it was replaced during the copy", path)
+			return fmt.Errorf("not removing %s: it was replaced during the copy", dst)
 		}
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("removing partial copy %s: %w", path, err)
-	}
-	return nil
-}
-
-// syncDir makes the creation of a file in dir durable.
-func syncDir(dir string) error {
-	fd, err := open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open directory %s: %w", dir, err)
-	}
-	defer func() { _ = unix.Close(fd) }()
-	if err := ignoringEINTR(func() error { return unix.Fsync(fd) }); err != nil {
-		return fmt.Errorf("fsync directory %s: %w", dir, err)
+	if err := unix.Unlinkat(dst.dir, dst.name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("removing partial copy %s: %w", dst, err)
 	}
 	return nil
 }

@@ -533,5 +533,10 @@ func copyPath(t *testing.T, src, dst string) (result, error) {
 		return result{}, err
 	}
 	defer f.Close()
-	return copyFile(context.Background(), int(f.Fd()), src, dst)
+	dir, err := os.Open(filepath.Dir(dst))
+	if err != nil {
+		return result{}, err
+	}
+	defer dir.Close()
+	return copyFile(context.Background(), int(f.Fd()), src, target{dir: int(dir.Fd()), name: filepath.Base(dst), path: dst})
 }

@@ -115,6 +115,8 @@ var (
 		"Sum of the sizes of the pool's volumes.", labels, nil)
 	allocatedDesc = prometheus.NewDesc(namespace+"_pool_allocated_bytes",
 		"Bytes the pool's volume images (and copied snapshot images) occupy on disk.", labels, nil)
+	invalidDesc = prometheus.NewDesc(namespace+"_pool_invalid_objects",
+		"Objects in the pool skipped because their metadata is not what Spool writes (see the log).", labels, nil)
 	snapshotBytesDesc = prometheus.NewDesc(namespace+"_pool_snapshot_bytes",
 		"Bytes the pool's snapshots count against its capacity.", labels, nil)
 	availableDesc = prometheus.NewDesc(namespace+"_pool_available_bytes",
@@ -154,7 +156,7 @@ type poolCollector struct {
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{capacityDesc, provisionedDesc, allocatedDesc, snapshotBytesDesc, availableDesc, unbackedDesc, volumesDesc, snapshotsDesc, poolErrorsDesc, loopsDesc} {
+	for _, d := range []*prometheus.Desc{capacityDesc, provisionedDesc, allocatedDesc, snapshotBytesDesc, invalidDesc, availableDesc, unbackedDesc, volumesDesc, snapshotsDesc, poolErrorsDesc, loopsDesc} {
 		ch <- d
 	}
 }
@@ -181,6 +183,7 @@ func (c *poolCollector) read() []prometheus.Metric {
 		name := p.Name()
 		gauge(volumesDesc, float64(len(p.List())), name)
 		gauge(snapshotsDesc, float64(len(p.ListSnapshots())), name)
+		gauge(invalidDesc, float64(len(p.Invalid())), name)
 		capa, err := p.Capacity()
 		if err != nil {
 			klog.ErrorS(err, "Could not read pool capacity for metrics", "pool", name)

@@ -9,6 +9,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"k8s.io/klog/v2"
+
 	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/volid"
 )
@@ -100,19 +102,72 @@ func syncDir(dir string) error {
 	return nil
 }
 
-// commitDir writes meta as JSON into the object directory tmp (built under
-// .tmp) and renames tmp to final: from then on the object exists, whole.
-// Nothing else sees tmp, so the metadata file is written in place; the
-// fsync of tmp makes its entries durable before the rename publishes them.
-func commitDir(tmp, final, metaName string, meta any) error {
+// scratch is an object directory being built under .tmp, opened beneath the
+// pool root: everything in it is made relative to its descriptor.
+type scratch struct {
+	p   *Pool
+	rel string   // .tmp/<name>
+	dir *os.File // the directory itself
+}
+
+// newScratch makes .tmp/name (mkdirat in .tmp opened beneath the root).
+func (p *Pool) newScratch(name string) (*scratch, error) {
+	tmp, err := p.openBeneath(tmpDir, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return nil, err
+	}
+	defer tmp.Close()
+	if err := unix.Mkdirat(int(tmp.Fd()), name, 0o750); err != nil {
+		return nil, fmt.Errorf("pool %s: creating %s: %w", p.name, filepath.Join(tmpDir, name), err)
+	}
+	rel := filepath.Join(tmpDir, name)
+	dir, err := p.openBeneath(rel, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		_ = unix.Unlinkat(int(tmp.Fd()), name, unix.AT_REMOVEDIR)
+		return nil, err
+	}
+	return &scratch{p: p, rel: rel, dir: dir}, nil
+}
+
+// create makes a new file in the scratch directory.
+func (s *scratch) create(name string) (*os.File, error) {
+	fd, err := unix.Openat(int(s.dir.Fd()), name, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("creating %s: %w", filepath.Join(s.rel, name), err)
+	}
+	return os.NewFile(uintptr(fd), filepath.Join(s.p.root, s.rel, name)), nil
+}
+
+// open opens a file of the scratch directory, never through a link.
+func (s *scratch) open(name string, flags int) (*os.File, error) {
+	fd, err := unix.Openat(int(s.dir.Fd()), name, flags|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", filepath.Join(s.rel, name), err)
+	}
+	return os.NewFile(uintptr(fd), filepath.Join(s.p.root, s.rel, name)), nil
+}
+
+// discard removes the scratch directory and what is in it.
+func (s *scratch) discard() {
+	_ = s.dir.Close()
+	if err := s.p.removeBeneath(s.rel); err != nil {
+		klog.ErrorS(err, "Could not remove a half-built object; the next start will", "pool", s.p.name, "path", s.rel)
+	}
+}
+
+// commit writes meta as JSON into the scratch directory and renames it to
+// final (relative to the pool root): from then on the object exists, whole.
+// Nothing else sees the scratch directory, so the metadata file is written
+// in place; the fsync of the directory makes its entries durable before the
+// rename publishes them.
+func (s *scratch) commit(final, metaName string, meta any) error {
 	data, err := json.MarshalIndent(meta, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encoding metadata: %w", err)
 	}
-	path := filepath.Join(tmp, metaName)
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := s.create(metaName)
 	if err != nil {
-		return fmt.Errorf("creating %s: %w", path, err)
+		return err
 	}
 	_, err = f.Write(data)
 	if err == nil {
@@ -122,14 +177,23 @@ func commitDir(tmp, final, metaName string, meta any) error {
 		err = cerr
 	}
 	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
+		return fmt.Errorf("writing %s: %w", f.Name(), err)
 	}
-	if err := syncDir(tmp); err != nil {
-		return err
+	if err := s.dir.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", s.rel, err)
 	}
 	faults.Point("commit-meta-written")
-	if err := os.Rename(tmp, final); err != nil {
-		return fmt.Errorf("renaming %s into place: %w", tmp, err)
+	if err := s.p.renameBeneath(s.rel, final); err != nil {
+		return fmt.Errorf("renaming %s into place: %w", s.rel, err)
 	}
-	return syncDir(filepath.Dir(final))
+	_ = s.dir.Close()
+	parent, err := s.p.openBeneath(filepath.Dir(final), unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return err
+	}
+	defer parent.Close()
+	if err := parent.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", filepath.Dir(final), err)
+	}
+	return nil
 }

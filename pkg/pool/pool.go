@@ -166,6 +166,10 @@ type Pool struct {
 	shared   bool
 	id       string // the pool ID in the identity file
 	readOnly bool   // Spec.ReadOnly
+	// invalid are the objects (volumes/<token>, snapshots/<token>, ...)
+	// whose metadata did not hold together at the last read: reported,
+	// left alone, not served. Guarded by mu.
+	invalid map[string]bool
 	// fileLocks queues this process's callers for a shared pool's lock
 	// files (flock).
 	fileLocks fileQueue
@@ -351,6 +355,7 @@ func (p *Pool) loadIndex(repair bool) error {
 		if err != nil {
 			// Never delete data we cannot explain: report it and go on.
 			klog.ErrorS(err, "Skipping volume with unreadable metadata", "pool", p.name, "token", e.Name())
+			p.markInvalid(filepath.Join(volumesDir, e.Name()), true)
 			continue
 		}
 		if repair {

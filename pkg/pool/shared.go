@@ -304,6 +304,11 @@ func (p *Pool) refreshVolumes() error {
 		}
 		p.mu.Unlock()
 		v, err := p.readMeta(tok)
+		rel := filepath.Join(volumesDir, tok)
+		if err != nil && !errors.Is(err, os.ErrNotExist) && !p.isInvalid(rel) {
+			klog.ErrorS(err, "Skipping volume with unreadable metadata", "pool", p.name, "token", tok)
+		}
+		p.markInvalid(rel, err != nil && !errors.Is(err, os.ErrNotExist))
 		p.mu.Lock()
 		if err == nil {
 			fresh = append(fresh, v)

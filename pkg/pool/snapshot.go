@@ -154,29 +154,36 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 }
 
 func (p *Pool) buildSnapshot(ctx context.Context, s *Snapshot, srcImage *os.File) (err error) {
-	tmp := filepath.Join(p.root, tmpDir, "snap-"+s.token)
-	if err := os.Mkdir(tmp, 0o750); err != nil {
-		return fmt.Errorf("creating %s: %w", tmp, err)
+	tmp, err := p.newScratch("snap-" + s.token)
+	if err != nil {
+		return err
 	}
 	defer func() {
 		if err != nil {
-			_ = os.RemoveAll(tmp)
+			tmp.discard()
 		}
 	}()
-	img := filepath.Join(tmp, imageFile)
-	method, err := imagecopy.CopyFrom(ctx, srcImage, img)
+	method, err := imagecopy.CopyInto(ctx, srcImage, tmp.dir, imageFile)
 	if err != nil {
 		return fmt.Errorf("copying %s: %w", s.SourceVolumeID, err)
 	}
 	s.Method = string(method)
 	faults.Point("snapshot-copied")
-	if err := os.Chmod(img, 0o400); err != nil {
-		return fmt.Errorf("making %s read-only: %w", img, err)
-	}
-	if s.charge, err = allocatedBytes(img); err != nil {
+	img, err := tmp.open(imageFile, unix.O_RDONLY)
+	if err != nil {
 		return err
 	}
-	commit := func() error { return commitDir(tmp, p.snapshotDir(s.token), snapshotMeta, s) }
+	var st unix.Stat_t
+	err = unix.Fstat(int(img.Fd()), &st)
+	if err == nil {
+		err = unix.Fchmod(int(img.Fd()), 0o400)
+	}
+	_ = img.Close()
+	if err != nil {
+		return fmt.Errorf("making %s read-only: %w", img.Name(), err)
+	}
+	s.charge = st.Blocks * 512
+	commit := func() error { return tmp.commit(filepath.Join(snapshotsDir, s.token), snapshotMeta, s) }
 	if !p.shared {
 		return commit()
 	}
@@ -299,11 +306,12 @@ func (p *Pool) trash(dir, name string) error {
 // written are removed by Open.
 func (p *Pool) CreateGroup(id volid.ID, name string, snapshotIDs []string) (Group, error) {
 	g := Group{ID: id.String(), Name: name, SnapshotIDs: slices.Clone(snapshotIDs), CreatedAt: time.Now().UTC(), token: id.Token}
-	tmp := filepath.Join(p.root, tmpDir, "group-"+id.Token)
-	if err := os.Mkdir(tmp, 0o750); err != nil {
-		return Group{}, fmt.Errorf("creating %s: %w", tmp, err)
+	tmp, err := p.newScratch("group-" + id.Token)
+	if err != nil {
+		return Group{}, err
 	}
-	commit := func() error { return commitDir(tmp, p.groupDir(id.Token), groupMeta, &g) }
+	final := filepath.Join(groupsDir, id.Token)
+	commit := func() error { return tmp.commit(final, groupMeta, &g) }
 	if p.shared {
 		commit = func() error {
 			return p.underCreateLock(func() error {
@@ -317,12 +325,12 @@ func (p *Pool) CreateGroup(id volid.ID, name string, snapshotIDs []string) (Grou
 					// The caller removes its members; a retry finds the other's group.
 					return errorf(ErrInProgress, "group snapshot %q was just created by another controller", name)
 				}
-				return commitDir(tmp, p.groupDir(id.Token), groupMeta, &g)
+				return tmp.commit(final, groupMeta, &g)
 			})
 		}
 	}
 	if err := commit(); err != nil {
-		_ = os.RemoveAll(tmp)
+		tmp.discard()
 		return Group{}, fmt.Errorf("recording group snapshot %s: %w", g.ID, err)
 	}
 	p.mu.Lock()
@@ -483,9 +491,12 @@ func (p *Pool) loadDir(dir, meta string, load func(token string, data []byte) er
 		if err == nil {
 			err = load(e.Name(), data)
 		}
-		if err != nil {
-			klog.ErrorS(err, "Skipping entry with unreadable metadata", "pool", p.name, "entry", filepath.Join(dir, e.Name()))
+		rel := filepath.Join(dir, e.Name())
+		bad := err != nil && !errors.Is(err, os.ErrNotExist) // gone meanwhile: deleted by another controller
+		if bad && !p.isInvalid(rel) {
+			klog.ErrorS(err, "Skipping entry with unreadable metadata", "pool", p.name, "entry", rel)
 		}
+		p.markInvalid(rel, bad)
 	}
 	return nil
 }

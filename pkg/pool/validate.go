@@ -3,6 +3,7 @@ package pool
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"unicode/utf8"
 
 	"github.com/spool-csi/spool/pkg/volid"
@@ -92,4 +93,39 @@ func checkStoredName(name string) error {
 		return fmt.Errorf("name of %d bytes is not a valid name", len(name))
 	}
 	return nil
+}
+
+// markInvalid records whether the object at rel failed to load.
+func (p *Pool) markInvalid(rel string, bad bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !bad {
+		delete(p.invalid, rel)
+		return
+	}
+	if p.invalid == nil {
+		p.invalid = map[string]bool{}
+	}
+	p.invalid[rel] = true
+}
+
+func (p *Pool) isInvalid(rel string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.invalid[rel]
+}
+
+// Invalid lists the objects of the pool (as volumes/<token>,
+// snapshots/<token>, groups/<token>) that were skipped because their
+// metadata is not what Spool writes. They are left untouched and count
+// neither as volumes nor as free space; an administrator must look at them.
+func (p *Pool) Invalid() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.invalid))
+	for rel := range p.invalid {
+		out = append(out, rel)
+	}
+	slices.Sort(out)
+	return out
 }

@@ -225,50 +225,44 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 // srcImage (nil: a new image), and renames it into volumes/ once it is whole
 // and durable.
 func (p *Pool) build(ctx context.Context, v *Volume, srcImage *os.File) (err error) {
-	tmp := filepath.Join(p.root, tmpDir, v.token)
-	if err := os.Mkdir(tmp, 0o750); err != nil {
-		return fmt.Errorf("creating %s: %w", tmp, err)
+	tmp, err := p.newScratch(v.token)
+	if err != nil {
+		return err
 	}
 	defer func() {
 		if err != nil {
-			_ = os.RemoveAll(tmp)
+			tmp.discard()
 		}
 	}()
-	img := filepath.Join(tmp, imageFile)
 	if srcImage == nil {
-		err = makeImage(img, v.CapacityBytes, v.Provisioning)
+		err = makeImage(tmp, v.CapacityBytes, v.Provisioning)
 	} else {
-		err = copyImage(ctx, srcImage, img, v)
+		err = copyImage(ctx, srcImage, tmp, v)
 	}
 	if err != nil {
 		return err
 	}
 	faults.Point("create-image-written")
-	commit := func() error { return commitDir(tmp, p.volumeDir(v.token), metaFile, v) }
+	commit := func() error { return tmp.commit(filepath.Join(volumesDir, v.token), metaFile, v) }
 	if p.shared {
 		return p.commitShared(v.Name, v.token, commit)
 	}
 	return commit()
 }
 
-// copyImage copies srcImage to path and grows the copy to the volume's size.
-func copyImage(ctx context.Context, srcImage *os.File, path string, v *Volume) error {
-	method, err := imagecopy.CopyFrom(ctx, srcImage, path)
+// copyImage copies srcImage into the scratch directory and grows the copy
+// to the volume's size.
+func copyImage(ctx context.Context, srcImage *os.File, tmp *scratch, v *Volume) error {
+	method, err := imagecopy.CopyInto(ctx, srcImage, tmp.dir, imageFile)
 	if err != nil {
 		return fmt.Errorf("copying %s: %w", v.Source.ID, err)
 	}
 	v.Source.Method = string(method)
-	return resizeImage(path, v.CapacityBytes, v.Provisioning)
-}
-
-// resizeImage grows the image at path, which this process just made, to n
-// bytes; thick images get the new range preallocated.
-func resizeImage(path string, n int64, prov Provisioning) error {
-	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW, 0)
+	f, err := tmp.open(imageFile, unix.O_RDWR)
 	if err != nil {
-		return fmt.Errorf("opening image: %w", err)
+		return err
 	}
-	return resizeFile(f, n, prov)
+	return resizeFile(f, v.CapacityBytes, v.Provisioning)
 }
 
 // resizeFile grows the open image f (and closes it).
@@ -312,10 +306,10 @@ func sizeFile(f *os.File, n int64, prov Provisioning) error {
 	return nil
 }
 
-func makeImage(path string, bytes int64, prov Provisioning) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+func makeImage(tmp *scratch, bytes int64, prov Provisioning) error {
+	f, err := tmp.create(imageFile)
 	if err != nil {
-		return fmt.Errorf("creating image: %w", err)
+		return err
 	}
 	defer func() { _ = f.Close() }()
 	if err := sizeFile(f, bytes, prov); err != nil {

@@ -222,6 +222,10 @@ func TestTamperedMetadata(t *testing.T) {
 	}
 	_, err = te.c.ControllerGetVolume(c, &csi.ControllerGetVolumeRequest{VolumeId: te.vol.ID})
 	wantCode(t, "ControllerGetVolume of a volume with invalid metadata", err, codes.NotFound)
+	h, err := te.c.NodeGetStorageHealth(c, &csi.NodeGetStorageHealthRequest{})
+	if err != nil || !strings.Contains(h.String(), "InvalidObjects") || !strings.Contains(h.String(), te.vol.ID[len(te.vol.ID)-24:]) {
+		t.Errorf("NodeGetStorageHealth does not report the invalid volume: %v, %v", h, err)
+	}
 	te.check()
 	// Put the metadata back for the cleanup.
 	if err := os.WriteFile(meta, b, 0o600); err != nil {
