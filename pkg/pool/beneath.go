@@ -24,6 +24,9 @@ var ErrUntrusted = errors.New("not what Spool makes in a pool")
 // symlinks, no symlinks at all, no /proc magic links, no mount crossings.
 const resolveBeneath = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE_NO_XDEV
 
+// createMode is the mode of the files openBeneath creates.
+const createMode = 0o600
+
 // openBeneath opens rel, a path relative to the pool root, without leaving
 // the pool: the root is opened afresh (a share remounted since the pool was
 // opened is seen as it is now) and every element of rel is resolved beneath
@@ -36,6 +39,13 @@ func (p *Pool) openBeneath(rel string, flags int) (*os.File, error) {
 	}
 	defer unix.Close(root)
 	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC | unix.O_NOFOLLOW), Resolve: resolveBeneath}
+	if flags&unix.O_CREAT != 0 {
+		// The files a pool creates this way (its lock files) are the
+		// pool's own: 0600, like every file Spool makes in a pool. (Mode 0
+		// made 0000 files that only root could open again: the second,
+		// unprivileged controller of a shared pool could not.)
+		how.Mode = createMode
+	}
 	fd, err := unix.Openat2(root, rel, &how)
 	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) {
 		// No openat2 (Linux < 5.6), or a seccomp profile that predates it
@@ -72,7 +82,7 @@ func openStepwise(root int, rel string, flags int) (int, error) {
 		if i == len(parts)-1 {
 			f = flags | unix.O_NOFOLLOW | unix.O_CLOEXEC
 		}
-		fd, err := unix.Openat(dir, part, f, 0)
+		fd, err := unix.Openat(dir, part, f, createMode)
 		unix.Close(dir)
 		if err != nil {
 			return -1, err

@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -43,6 +44,30 @@ func TestOpenStepwise(t *testing.T) {
 		}
 		if !errors.Is(err, unix.ELOOP) && !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.ENOTDIR) {
 			t.Errorf("openStepwise(%s): %v, want ELOOP, EXDEV or ENOTDIR", rel, err)
+		}
+	}
+}
+
+// The lock files a pool creates are 0600: an unprivileged controller (the
+// second replica of deploy/shared runs as a non-root user) must be able to
+// open the lock file the first one created.
+func TestCreatedFilesAreReadableByTheOwner(t *testing.T) {
+	dir, _ := initShared(t)
+	a := openShared(t, dir, false)
+	v, _, err := a.CreateVolume(context.Background(), req("pvc-1", 64<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Update(v.Token(), func(v *Volume) error { return ErrUnchanged }); err != nil {
+		t.Fatal(err)
+	}
+	for _, rel := range []string{lockFile, createLockFile, filepath.Join(volumesDir, v.Token(), volumeLockFile)} {
+		fi, err := os.Stat(filepath.Join(dir, rel))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if perm := fi.Mode().Perm(); perm != 0o600 {
+			t.Errorf("%s has mode %o, want 600", rel, perm)
 		}
 	}
 }
