@@ -291,7 +291,7 @@ const (
 // ID, which is stable across restarts of the plugin and fits lo_file_name.
 func loopOwner(nodeID string) string {
 	sum := sha256.Sum256([]byte(nodeID))
-	return "node-" + hex.EncodeToString(sum[:12])
+	return "node-" + hex.EncodeToString(sum[:8])
 }
 
 // Close releases the pools.

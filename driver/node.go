@@ -135,7 +135,7 @@ func (d *Driver) attach(nv *nodeVolume, ro bool) (*loop.Device, error) {
 	if id, err := pool.ImageIDOf(f); err != nil || id != nv.image {
 		return nil, status.Errorf(codes.Aborted, "the image of volume %s was replaced while it was being attached; retry", nv.vol.ID)
 	}
-	dev, err := d.kernel.Loops.Attach(f, loop.Options{ReadOnly: ro, DirectIO: true, Owner: d.loopOwner})
+	dev, err := d.kernel.Loops.Attach(f, loop.Options{ReadOnly: ro, DirectIO: true, Owner: d.loopOwner, Label: nv.vol.Token()})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "attaching %s: %v", nv.vol.ID, err)
 	}
@@ -523,7 +523,7 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 	}
 	marker := filepath.Join(staging, blockMarker)
 	if nv.dev == nil {
-		if nv.dev, err = d.reconfiguredBlockDevice(mounts, marker); err != nil {
+		if nv.dev, err = d.reconfiguredBlockDevice(mounts, marker, nv.vol); err != nil {
 			return nil, err
 		}
 	}
@@ -644,13 +644,14 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 }
 
 // reconfiguredBlockDevice finds the loop device bound at a block volume's
-// staging marker when the volume's image no longer leads to it: a pod with
-// the raw device changed its backing file (LOOP_CHANGE_FD), or the image
-// was replaced in the pool. Unstage must still work. The bind is Spool's
-// when the device carries this node's owner tag (set at attach); a device
-// without it is not proven to be Spool's and stays, and the unstage fails.
-// It returns nil when nothing is bound at the marker.
-func (d *Driver) reconfiguredBlockDevice(mounts []fs.MountInfo, marker string) (*loop.Device, error) {
+// staging marker or publish target when the volume's image no longer leads
+// to it: a pod with the raw device changed its backing file
+// (LOOP_CHANGE_FD), or the image was replaced in the pool. Unpublish and
+// unstage must still work. The bind is this volume's when the device
+// carries this node's owner tag and the volume's token (set at attach); a
+// device without them is not proven to be this volume's and stays, and the
+// call fails. It returns nil when no device node is bound at marker.
+func (d *Driver) reconfiguredBlockDevice(mounts []fs.MountInfo, marker string, v pool.Volume) (*loop.Device, error) {
 	m, ok := fs.MountAt(mounts, marker)
 	if !ok || m.FsType != "devtmpfs" {
 		return nil, nil
@@ -664,8 +665,8 @@ func (d *Driver) reconfiguredBlockDevice(mounts []fs.MountInfo, marker string) (
 		if !fs.IsDeviceNodeBind(m, dev.Path) {
 			continue
 		}
-		if dev.Owner != d.loopOwner {
-			return nil, preconditionf("%s binds %s, which no longer backs this volume's image and does not carry this node's tag: it is left as it is; detach it by hand", marker, dev.Path)
+		if dev.Owner != d.loopOwner || dev.Label != v.Token() {
+			return nil, preconditionf("%s binds %s, which no longer backs the image of volume %s and does not carry this node's and this volume's tag: it is left as it is; unmount and detach it by hand", marker, dev.Path, v.ID)
 		}
 		klog.ErrorS(nil, "The loop device staged for a block volume no longer backs its image (reconfigured through its device node, or the image was replaced); unstaging it", "marker", marker, "device", dev.Path, "backingFile", dev.BackingFile)
 		return dev, nil
@@ -730,6 +731,11 @@ func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 		m, ok := fs.MountAt(mounts, target)
 		if !ok {
 			break
+		}
+		if nv.dev == nil {
+			if nv.dev, err = d.reconfiguredBlockDevice(mounts, target, nv.vol); err != nil {
+				return nil, err
+			}
 		}
 		// Only a mount proven to be this volume's is unmounted: with no loop
 		// device there is nothing to prove it by.

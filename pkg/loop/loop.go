@@ -53,6 +53,9 @@ type Device struct {
 	// Owner is the owner tag given at attach (Options.Owner), read back
 	// from lo_file_name; empty for a device attached without one.
 	Owner string
+	// Label is the label given at attach (Options.Label), read back from
+	// lo_file_name with the owner.
+	Label string
 }
 
 // Options control how Attach sets up a device.
@@ -62,15 +65,20 @@ type Options struct {
 	// Owner tags the device with who attached it, in lo_file_name (which
 	// the kernel keeps for the device's life and shows nothing else by;
 	// losetup reads the backing file from sysfs). Two node plugins that
-	// share one kernel tell their devices apart by it. At most 50 bytes of
-	// letters, digits, '-', '_' and '.'.
+	// share one kernel tell their devices apart by it. Letters, digits,
+	// '-', '_' and '.'.
 	Owner string
+	// Label, with an Owner, names what the device is for (a volume), in
+	// lo_file_name after the owner. The owner and the label together are
+	// at most 50 bytes.
+	Label string
 }
 
-// ownerPrefix marks an owner tag in lo_file_name.
+// ownerPrefix marks an owner tag in lo_file_name: "spool-owner:OWNER/LABEL".
 const ownerPrefix = "spool-owner:"
 
 var ownerRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,50}$`)
+var labelRE = regexp.MustCompile(`^[A-Za-z0-9._-]{0,49}$`)
 
 // OwnedBy reports whether the device belongs to owner: it carries owner's
 // tag, or no tag at all (attached by hand, or by a version of Spool that
@@ -170,8 +178,8 @@ func Attach(backingFile string, opts Options) (*Device, error) {
 // hold for exactly what gets attached; the kernel takes its own reference.
 func AttachFile(f *os.File, opts Options) (*Device, error) {
 	abs := f.Name()
-	if opts.Owner != "" && !ownerRE.MatchString(opts.Owner) {
-		return nil, fmt.Errorf("attach %s: invalid owner tag %q", abs, opts.Owner)
+	if opts.Owner != "" && (!ownerRE.MatchString(opts.Owner) || !labelRE.MatchString(opts.Label) || len(opts.Owner)+len(opts.Label) > 50) {
+		return nil, fmt.Errorf("attach %s: invalid owner tag %q/%q", abs, opts.Owner, opts.Label)
 	}
 	fd := int(f.Fd())
 	var st unix.Stat_t
@@ -216,7 +224,7 @@ func AttachFile(f *os.File, opts Options) (*Device, error) {
 		cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
 	}
 	if opts.Owner != "" {
-		setFileName(&cfg.Info, ownerPrefix+opts.Owner)
+		setFileName(&cfg.Info, ownerPrefix+opts.Owner+"/"+opts.Label)
 	} else {
 		setFileName(&cfg.Info, abs)
 	}
@@ -420,7 +428,7 @@ func deviceFromFd(fd int) (*Device, error) {
 		PartScan:   info.Flags&unix.LO_FLAGS_PARTSCAN != 0,
 	}
 	if tag, ok := strings.CutPrefix(unix.ByteSliceToString(info.File_name[:]), ownerPrefix); ok {
-		d.Owner = tag
+		d.Owner, d.Label, _ = strings.Cut(tag, "/")
 	}
 	d.BackingFile, d.Deleted, err = backingFile(d.Rdev, info)
 	if err != nil {

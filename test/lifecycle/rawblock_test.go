@@ -48,14 +48,25 @@ func TestRawBlockDeviceReconfigured(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := filepath.Join(e.dir, "pool", "volumes", v.ID[len(v.ID)-24:], "disk.img")
-	podIoctl(t, v.Target, func(fd int) error {
-		info, err := unix.IoctlLoopGetStatus64(fd)
-		if err != nil {
-			return err
+	// The pod keeps the device open while it uses it: with autoclear set,
+	// its last close would detach the device.
+	pod, err := os.OpenFile(v.Target, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pod.Close()
+	setFlags := func(flags uint32) {
+		t.Helper()
+		info, err := unix.IoctlLoopGetStatus64(int(pod.Fd()))
+		if err == nil {
+			info.Flags |= flags
+			err = unix.IoctlLoopSetStatus64(int(pod.Fd()), info)
 		}
-		info.Flags |= unix.LO_FLAGS_AUTOCLEAR | unix.LO_FLAGS_PARTSCAN
-		return unix.IoctlLoopSetStatus64(fd, info)
-	})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	setFlags(unix.LO_FLAGS_AUTOCLEAR | unix.LO_FLAGS_PARTSCAN)
 	if dev, err := loop.Find(img); err != nil || !dev.Autoclear || !dev.PartScan {
 		t.Fatalf("the pod's reconfiguration did not take: %+v, %v", dev, err)
 	}
@@ -67,19 +78,19 @@ func TestRawBlockDeviceReconfigured(t *testing.T) {
 		t.Errorf("autoclear was not cleared: %+v, %v", dev, err)
 	}
 	// Set again; a stats call (the kubelet's periodic one) clears it too.
-	podIoctl(t, v.Target, func(fd int) error {
-		info, err := unix.IoctlLoopGetStatus64(fd)
-		if err != nil {
-			return err
-		}
-		info.Flags |= unix.LO_FLAGS_AUTOCLEAR
-		return unix.IoctlLoopSetStatus64(fd, info)
-	})
+	setFlags(unix.LO_FLAGS_AUTOCLEAR)
 	if _, err := e.c.NodeGetVolumeStats(c, &csi.NodeGetVolumeStatsRequest{VolumeId: v.ID, VolumePath: v.Target}); err != nil {
 		t.Fatal(err)
 	}
 	if dev, err := loop.Find(img); err != nil || dev.Autoclear {
 		t.Errorf("autoclear was not cleared at NodeGetVolumeStats: %+v, %v", dev, err)
+	}
+	// The pod's last close no longer detaches the device under the volume.
+	if err := pod.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loop.Find(img); err != nil {
+		t.Fatalf("the device was detached at the pod's close: %v", err)
 	}
 	if err := e.c.UnpublishAndUnstage(c, v); err != nil {
 		t.Fatalf("unstage of a reconfigured device: %v", err)
