@@ -21,10 +21,10 @@ import (
 // and NodeUnstage releases it.
 
 // attachOnly reports whether this driver is such an attach controller.
-func (d *Driver) attachOnly() bool { return d.opts.Mode == ModeController && len(d.pools) == 0 }
+func (d *Controller) attachOnly() bool { return d.opts.Mode == ModeController && len(d.pools) == 0 }
 
 // publishNodeLocal answers ControllerPublishVolume without the pool.
-func (d *Driver) publishNodeLocal(req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
+func (d *Controller) publishNodeLocal(req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
 	vid, err := volid.ParseKind(id, volid.KindVolume)
 	if err != nil {
@@ -50,7 +50,7 @@ func (d *Driver) publishNodeLocal(req *csi.ControllerPublishVolumeRequest) (*csi
 // recordNodeAttachment records, at NodeStage, an attachment published by
 // an attach controller that has no access to the pool. It refuses when the
 // pool says the volume is attached to another node.
-func (d *Driver) recordNodeAttachment(nv *nodeVolume, pc map[string]string) (bool, error) {
+func (d *Node) recordNodeAttachment(nv *nodeVolume, pc map[string]string) (bool, error) {
 	ro, err := strconv.ParseBool(pc[ctxReadOnly])
 	if err != nil {
 		return false, invalidf("publish context of volume %s: %s=%q is not a boolean", nv.vol.ID, ctxReadOnly, pc[ctxReadOnly])
@@ -95,7 +95,7 @@ func (d *Driver) recordNodeAttachment(nv *nodeVolume, pc map[string]string) (boo
 
 // releaseNodeAttachment removes, at NodeUnstage, the attachment the node
 // recorded at stage.
-func (d *Driver) releaseNodeAttachment(nv *nodeVolume) error {
+func (d *Node) releaseNodeAttachment(nv *nodeVolume) error {
 	if _, ok := nv.vol.AttachmentFor(d.opts.NodeID); !ok {
 		return nil
 	}

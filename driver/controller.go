@@ -32,7 +32,7 @@ const (
 )
 
 // ControllerGetCapabilities lists the controller RPCs Spool implements.
-func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+func (d *Controller) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	rpcs := []csi.ControllerServiceCapability_RPC_Type{
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
 		csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
@@ -72,7 +72,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 // CreateVolume creates a volume image in a pool, blank or as a copy of a
 // snapshot or a volume, or returns the existing volume of the same name when
 // the request is compatible with it.
-func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+func (d *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
 	if err := checkName(req.GetName()); err != nil {
 		return nil, err
 	}
@@ -146,7 +146,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	copyCtx, thaw := ctx, func() error { return nil }
 	if src != nil && !exists && src.kind == pool.SourceVolume {
 		// A clone of a volume in use copies a frozen, consistent filesystem.
-		if copyCtx, thaw, err = d.freezeStaged(ctx, p, []string{src.token}); err != nil {
+		if copyCtx, thaw, err = d.freeze(ctx, p, []string{src.token}); err != nil {
 			return nil, err
 		}
 	}
@@ -198,7 +198,7 @@ func checkCopyKind(src *contentSrc, vc volumeCaps) error {
 
 // contentSource resolves a CreateVolume content source. A source that does
 // not exist is NotFound.
-func (d *Driver) contentSource(cs *csi.VolumeContentSource) (*contentSrc, error) {
+func (d *Controller) contentSource(cs *csi.VolumeContentSource) (*contentSrc, error) {
 	switch {
 	case cs == nil:
 		return nil, nil
@@ -256,7 +256,7 @@ func compatible(v pool.Volume, req *csi.CreateVolumeRequest, prm params, vc volu
 
 // checkTopology refuses a volume whose accessibility requirements exclude the
 // node that owns the pool.
-func (d *Driver) checkTopology(p *pool.Pool, r *csi.TopologyRequirement) error {
+func (d *core) checkTopology(p *pool.Pool, r *csi.TopologyRequirement) error {
 	if len(r.GetRequisite()) == 0 {
 		return nil
 	}
@@ -271,7 +271,7 @@ func (d *Driver) checkTopology(p *pool.Pool, r *csi.TopologyRequirement) error {
 	return status.Errorf(codes.ResourceExhausted, "pool %s lives on node %s, which the requisite topology excludes", p.Name(), p.Node())
 }
 
-func (d *Driver) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
+func (d *core) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
 	ctx := map[string]string{ParamPool: p.Name(), ParamProvisioning: string(v.Provisioning)}
 	cv := &csi.Volume{
 		VolumeId:           v.ID,
@@ -291,12 +291,12 @@ func (d *Driver) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
 
 // lookup parses a volume ID and finds its pool. Malformed IDs and IDs of
 // pools or nodes not served here are NotFound: no such volume exists here.
-func (d *Driver) lookup(id string) (*pool.Pool, volid.ID, error) {
+func (d *core) lookup(id string) (*pool.Pool, volid.ID, error) {
 	return d.lookupKind(id, volid.KindVolume)
 }
 
 // lookupKind is lookup for an ID of any kind.
-func (d *Driver) lookupKind(id string, kind volid.Kind) (*pool.Pool, volid.ID, error) {
+func (d *core) lookupKind(id string, kind volid.Kind) (*pool.Pool, volid.ID, error) {
 	what := "volume"
 	if kind != volid.KindVolume {
 		what = string(kind)
@@ -317,7 +317,7 @@ func (d *Driver) lookupKind(id string, kind volid.Kind) (*pool.Pool, volid.ID, e
 
 // getVolume finds a volume by ID; a volume that does not exist here is
 // NotFound.
-func (d *Driver) getVolume(id string) (*pool.Pool, pool.Volume, error) {
+func (d *core) getVolume(id string) (*pool.Pool, pool.Volume, error) {
 	p, vid, err := d.lookup(id)
 	if err != nil {
 		return nil, pool.Volume{}, err
@@ -328,7 +328,7 @@ func (d *Driver) getVolume(id string) (*pool.Pool, pool.Volume, error) {
 
 // DeleteVolume deletes a volume; deleting a volume that does not exist
 // succeeds. A volume that is attached or staged is refused.
-func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+func (d *Controller) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -369,11 +369,11 @@ func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (
 
 // checkNotInUse refuses to delete an image that a loop device on this node
 // still uses: the loop device would keep the deleted inode alive.
-func (d *Driver) checkNotInUse(p *pool.Pool, v pool.Volume) error {
-	if d.kernel.Loops == nil {
+func (d *Controller) checkNotInUse(p *pool.Pool, v pool.Volume) error {
+	if d.local == nil {
 		return nil
 	}
-	dev, err := d.ownDevice(p, v.Token())
+	dev, err := d.local.ownDevice(p, v.Token())
 	if errors.Is(err, pool.ErrUntrusted) {
 		// Not an image Spool made: nothing of this node uses it by
 		// identity, and deleting the volume removes it without following
@@ -392,7 +392,7 @@ func (d *Driver) checkNotInUse(p *pool.Pool, v pool.Volume) error {
 
 // ControllerPublishVolume attaches a volume to a node: it records the node in
 // the volume's metadata and returns the publish context NodeStage verifies.
-func (d *Driver) ControllerPublishVolume(_ context.Context, req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
+func (d *Controller) ControllerPublishVolume(_ context.Context, req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -491,7 +491,7 @@ func publishContext(a pool.Attachment) map[string]string {
 }
 
 // attachedTo counts the volumes attached to node in all pools.
-func (d *Driver) attachedTo(node string) int64 {
+func (d *Controller) attachedTo(node string) int64 {
 	var n int64
 	for _, p := range d.pools {
 		for _, v := range p.List() {
@@ -505,7 +505,7 @@ func (d *Driver) attachedTo(node string) int64 {
 
 // ControllerUnpublishVolume removes the node's attach record. Volumes and
 // nodes that do not exist are already unpublished.
-func (d *Driver) ControllerUnpublishVolume(_ context.Context, req *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error) {
+func (d *Controller) ControllerUnpublishVolume(_ context.Context, req *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -541,7 +541,7 @@ func (d *Driver) ControllerUnpublishVolume(_ context.Context, req *csi.Controlle
 
 // ValidateVolumeCapabilities confirms the capabilities Spool supports for an
 // existing volume.
-func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+func (d *Controller) ValidateVolumeCapabilities(_ context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -577,7 +577,7 @@ func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.Validate
 // ListVolumes lists the volumes of all pools in ID order. The token is the
 // ID to resume from, so deleting or adding volumes between pages neither
 // skips nor repeats the others.
-func (d *Driver) ListVolumes(_ context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+func (d *Controller) ListVolumes(_ context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
 	page, next, err := d.volumePage(req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
@@ -615,7 +615,7 @@ func pageSize(maxEntries int32) int {
 
 // volumePage returns up to max volumes (defaultPageSize for 0) of all pools
 // in ID order, from the ID start on, and the ID to resume from.
-func (d *Driver) volumePage(start string, max int32) ([]poolVolume, string, error) {
+func (d *Controller) volumePage(start string, max int32) ([]poolVolume, string, error) {
 	if max < 0 {
 		return nil, "", invalidf("max_entries must not be negative")
 	}
@@ -651,7 +651,7 @@ func publishedNodes(v pool.Volume) []string {
 
 // GetCapacity reports what a new volume may still provision in a pool, for
 // the pool's node only.
-func (d *Driver) GetCapacity(_ context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+func (d *Controller) GetCapacity(_ context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
 	prm, err := parseParams(req.GetParameters())
 	if err != nil {
 		return nil, err
@@ -684,7 +684,7 @@ func (d *Driver) GetCapacity(_ context.Context, req *csi.GetCapacityRequest) (*c
 }
 
 // ControllerGetVolume returns a volume and the nodes it is attached to.
-func (d *Driver) ControllerGetVolume(_ context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+func (d *Controller) ControllerGetVolume(_ context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
 	if req.GetVolumeId() == "" {
 		return nil, invalidf("volume ID is missing")
 	}
@@ -700,7 +700,7 @@ func (d *Driver) ControllerGetVolume(_ context.Context, req *csi.ControllerGetVo
 
 // ControllerModifyVolume changes a volume's mutable parameters: only
 // provisioning (thin or thick).
-func (d *Driver) ControllerModifyVolume(_ context.Context, req *csi.ControllerModifyVolumeRequest) (*csi.ControllerModifyVolumeResponse, error) {
+func (d *Controller) ControllerModifyVolume(_ context.Context, req *csi.ControllerModifyVolumeRequest) (*csi.ControllerModifyVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")

@@ -24,6 +24,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/keylock"
+	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/metrics"
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/pkg/volid"
@@ -178,54 +179,84 @@ func socketPath(endpoint string) (string, error) {
 	return filepath.Clean(p), nil
 }
 
-// Driver serves the CSI services.
-type Driver struct {
-	csi.UnimplementedIdentityServer
-	csi.UnimplementedControllerServer
-	csi.UnimplementedNodeServer
-	csi.UnimplementedGroupControllerServer
-
+// core is what the services of one process share: the options, the pools,
+// the locks of volume IDs and the metrics.
+type core struct {
 	opts        Options
-	kernel      Kernel
 	pools       map[string]*pool.Pool
 	poolOrder   []string
 	topologyKey string
+	// volumeLocks serialises operations on one volume ID, across the
+	// services: a busy ID answers Aborted.
+	volumeLocks keylock.Set
+	metrics     *metrics.Metrics
+}
+
+// Controller serves the CSI controller and group controller services. It
+// works on pool files alone and has no kernel interface: its volumes'
+// filesystems are mounted by node plugins, in other mount namespaces and
+// usually on other nodes, and its container may open no loop device
+// (deploy/shared runs it unprivileged).
+type Controller struct {
+	csi.UnimplementedControllerServer
+	csi.UnimplementedGroupControllerServer
+	*core
+	// local is the node service of the same process (--mode=all, or the
+	// operator commands with a kernel), nil in a controller-only process:
+	// through it a snapshot or clone freezes a filesystem staged here, and
+	// a delete refuses an image a loop device here still uses.
+	local localNode
+}
+
+// localNode is what a controller asks of the node service of its own
+// process.
+type localNode interface {
+	// freezeStaged freezes the filesystems of the volumes staged on this
+	// node for a copy (see Node.freezeStaged).
+	freezeStaged(ctx context.Context, p *pool.Pool, tokens []string) (context.Context, func() error, error)
+	// ownDevice returns this node's loop device of a volume, or nil.
+	ownDevice(p *pool.Pool, token string) (*loop.Device, error)
+}
+
+// Node serves the CSI node service: loop devices, filesystems and mounts.
+type Node struct {
+	csi.UnimplementedNodeServer
+	*core
+	kernel Kernel
 	// loopOwner tags the loop devices this node plugin attaches, so that
 	// two node plugins on one kernel (kind, a multi-node test cluster) never
 	// take each other's devices for their own (loopOwner()).
 	loopOwner string
-
-	// volumeLocks serialises operations on one volume ID; a busy ID
-	// answers Aborted.
-	volumeLocks keylock.Set
 	// attachMu serialises the attachments a node records itself at stage
 	// (attach-only mode, attachonly.go), which live in node-local pools
 	// only: it is never held across a shared pool's storage.
 	attachMu sync.Mutex
 	// fences are the attachments of staged volumes of shared pools.
 	fences fences
+}
+
+// Driver is one spool process: the identity service, and the controller
+// and node services its mode asks for (nil when not served), over one
+// socket with one interceptor (logging without secrets, metrics, errors
+// mapped to gRPC codes).
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	*core
+	*Controller
+	*Node
 
 	server     *grpc.Server
-	metrics    *metrics.Metrics
 	metricsLis net.Listener
 }
 
-// New opens the pools and builds the driver. kernel may be zero in
-// controller mode, and is not used there.
+// New opens the pools and builds the services opts.Mode asks for. kernel
+// is used only by the node service (a controller-only process has none, see
+// Controller).
 func New(opts Options, kernel Kernel) (*Driver, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	if !opts.serves(ModeNode) {
-		// A controller-only process works on pool files alone. Its volumes'
-		// filesystems are mounted by node plugins, in other mount namespaces
-		// and usually on other nodes, and its container may open no loop
-		// device (deploy/shared runs it unprivileged, and /dev/loopN there
-		// cannot be created): it neither freezes a volume before a snapshot
-		// nor looks for a loop device before a delete.
-		kernel = Kernel{}
-	}
-	return build(opts, kernel)
+	return build(opts, kernel, false)
 }
 
 // NewOffline builds a controller-only driver whose handlers are called
@@ -239,12 +270,29 @@ func NewOffline(opts Options, kernel Kernel) (*Driver, error) {
 	if err := opts.validate(false); err != nil {
 		return nil, err
 	}
-	return build(opts, kernel)
+	return build(opts, kernel, true)
 }
 
-// build opens the pools of validated options and builds the driver.
-func build(opts Options, kernel Kernel) (*Driver, error) {
-	d := &Driver{opts: opts, kernel: kernel, pools: map[string]*pool.Pool{}, topologyKey: TopologyKey(opts.DriverName), loopOwner: loopOwner(opts.NodeID)}
+// build opens the pools of validated options and builds the services: the
+// controller when the mode serves it, the node service when the mode
+// serves it; an offline controller (NewOffline) with a kernel gets a node
+// service that serves nothing, for its checks.
+func build(opts Options, kernel Kernel, offline bool) (*Driver, error) {
+	c := &core{opts: opts, pools: map[string]*pool.Pool{}, topologyKey: TopologyKey(opts.DriverName)}
+	d := &Driver{core: c}
+	var n *Node
+	if opts.serves(ModeNode) || (offline && kernel.Loops != nil) {
+		n = &Node{core: c, kernel: kernel, loopOwner: loopOwner(opts.NodeID)}
+	}
+	if opts.serves(ModeNode) {
+		d.Node = n
+	}
+	if opts.serves(ModeController) {
+		d.Controller = &Controller{core: c}
+		if n != nil {
+			d.Controller.local = n
+		}
+	}
 	for _, spec := range opts.Pools {
 		// A node plugin of a shared pool leaves cleanup to the controllers.
 		spec.NodeOnly = spec.Shared && opts.Mode == ModeNode
@@ -258,22 +306,13 @@ func build(opts Options, kernel Kernel) (*Driver, error) {
 	}
 	if opts.MetricsAddress != "" {
 		var attached func() (int, error)
-		if opts.serves(ModeNode) {
-			attached = d.attachedLoops
+		if d.Node != nil {
+			attached = d.Node.attachedLoops
 		}
 		d.metrics = metrics.New(d.poolList(), attached)
 	}
-	if opts.serves(ModeNode) {
-		if err := d.detachOrphanLoops(); err != nil {
-			d.Close()
-			return nil, err
-		}
-		d.deleteOrphanEphemerals()
-		if err := d.adoptSharedStagings(); err != nil {
-			d.Close()
-			return nil, err
-		}
-		if err := d.registerSharedPools(); err != nil {
+	if d.Node != nil {
+		if err := d.Node.start(); err != nil {
 			d.Close()
 			return nil, err
 		}
@@ -345,13 +384,13 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 		grpc.MaxRecvMsgSize(maxRequestBytes),
 		grpc.MaxConcurrentStreams(maxConcurrentCalls))
 	csi.RegisterIdentityServer(d.server, d)
-	if d.opts.serves(ModeController) {
-		csi.RegisterControllerServer(d.server, d)
-		csi.RegisterGroupControllerServer(d.server, d)
+	if d.Controller != nil {
+		csi.RegisterControllerServer(d.server, d.Controller)
+		csi.RegisterGroupControllerServer(d.server, d.Controller)
 	}
-	if d.opts.serves(ModeNode) {
-		csi.RegisterNodeServer(d.server, d)
-	} else if d.attachOnly() {
+	if d.Node != nil {
+		csi.RegisterNodeServer(d.server, d.Node)
+	} else if d.Controller != nil && d.attachOnly() {
 		csi.RegisterNodeServer(d.server, resizerNode{})
 	}
 	klog.InfoS("Serving CSI", "driver", d.opts.DriverName, "version", d.opts.Version, "mode", d.opts.Mode,
@@ -363,8 +402,8 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 		metricsDone = make(chan error, 1)
 		go func() { metricsDone <- d.metrics.Serve(ctx, d.metricsLis) }()
 	}
-	if d.opts.serves(ModeNode) && d.servesShared() {
-		go d.watchFences(ctx, fenceCheckInterval)
+	if d.Node != nil && d.servesShared() {
+		go d.Node.watchFences(ctx, fenceCheckInterval)
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- d.server.Serve(lis) }()
@@ -413,7 +452,7 @@ func listen(path string) (net.Listener, error) {
 }
 
 // poolList returns the pools in configuration order.
-func (d *Driver) poolList() []*pool.Pool {
+func (d *core) poolList() []*pool.Pool {
 	out := make([]*pool.Pool, 0, len(d.poolOrder))
 	for _, name := range d.poolOrder {
 		out = append(out, d.pools[name])
@@ -422,7 +461,7 @@ func (d *Driver) poolList() []*pool.Pool {
 }
 
 // pool returns the named pool, or the first pool for "".
-func (d *Driver) pool(name string) (*pool.Pool, bool) {
+func (d *core) pool(name string) (*pool.Pool, bool) {
 	if name == "" {
 		if len(d.poolOrder) == 0 {
 			return nil, false // an attach controller has no pools
@@ -434,7 +473,7 @@ func (d *Driver) pool(name string) (*pool.Pool, bool) {
 }
 
 // lockVolume takes the volume's lock or returns an Aborted status.
-func (d *Driver) lockVolume(id string) (func(), error) {
+func (d *core) lockVolume(id string) (func(), error) {
 	if !d.volumeLocks.TryLock(id) {
 		return nil, abortedf("an operation on volume %s is already in progress", id)
 	}

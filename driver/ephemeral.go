@@ -82,7 +82,7 @@ func parseEphemeralAttrs(in map[string]string, c *csi.VolumeCapability) (ephemer
 // publishEphemeral creates an ephemeral volume from the volume attributes,
 // attaches it and mounts it at the target. Nothing is staged: the volume has
 // one user.
-func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolumeRequest, target string) (*csi.NodePublishVolumeResponse, error) {
+func (d *Node) publishEphemeral(ctx context.Context, req *csi.NodePublishVolumeRequest, target string) (*csi.NodePublishVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if !isEphemeralID(id) {
 		return nil, invalidf("ephemeral volume ID %q must be 1-128 letters, digits, '.', '_' or '-'", id)
@@ -173,7 +173,7 @@ func (d *Driver) publishEphemeral(ctx context.Context, req *csi.NodePublishVolum
 // checkEphemeralLimits applies the operator's limits to what a pod spec asks
 // (see EphemeralLimits), and counts the volume toward the node's attach
 // limit like any other.
-func (d *Driver) checkEphemeralLimits(p *pool.Pool, attrs ephemeralAttrs) error {
+func (d *Node) checkEphemeralLimits(p *pool.Pool, attrs ephemeralAttrs) error {
 	lim := d.opts.Ephemeral
 	if !slices.Contains(lim.Pools, p.Name()) {
 		return invalidf("ephemeral volumes may use pools %v, not %s (--ephemeral-pools)", lim.Pools, p.Name())
@@ -197,7 +197,7 @@ func (d *Driver) checkEphemeralLimits(p *pool.Pool, attrs ephemeralAttrs) error 
 }
 
 // failEphemeral undoes a half-made ephemeral publish and returns err.
-func (d *Driver) failEphemeral(nv *nodeVolume, err error) error {
+func (d *Node) failEphemeral(nv *nodeVolume, err error) error {
 	if derr := d.deleteEphemeral(nv); derr != nil {
 		klog.ErrorS(derr, "Could not remove a failed ephemeral volume; the next start will", "volume", nv.vol.Name)
 	}
@@ -206,7 +206,7 @@ func (d *Driver) failEphemeral(nv *nodeVolume, err error) error {
 
 // deleteEphemeral detaches an ephemeral volume's loop device and deletes the
 // volume.
-func (d *Driver) deleteEphemeral(nv *nodeVolume) error {
+func (d *Node) deleteEphemeral(nv *nodeVolume) error {
 	if nv.dev != nil {
 		if err := d.kernel.Loops.Detach(nv.dev.Path); err != nil {
 			return status.Errorf(codes.Internal, "detaching ephemeral volume %s: %v", nv.vol.Name, err)
@@ -225,7 +225,7 @@ func (d *Driver) deleteEphemeral(nv *nodeVolume) error {
 // so that the kubelet can tear the pod down. Anything else at the target (a
 // mount, a file, a directory with entries) is not Spool's: the volume is
 // NotFound and the path stays untouched.
-func (d *Driver) removeUnmountedTarget(id, target string) error {
+func (d *Node) removeUnmountedTarget(id, target string) error {
 	mounts, err := d.kernel.Mounter.Mounts()
 	if err != nil {
 		return err
@@ -249,7 +249,7 @@ func (d *Driver) removeUnmountedTarget(id, target string) error {
 // detached: an ephemeral volume without a loop device is not mounted by any
 // pod (its publish was interrupted, or its unpublish crashed), so it is
 // deleted. The kubelet's retry of the publish makes it again.
-func (d *Driver) deleteOrphanEphemerals() {
+func (d *Node) deleteOrphanEphemerals() {
 	for _, name := range d.poolOrder {
 		p := d.pools[name]
 		if p.Shared() {

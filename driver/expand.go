@@ -16,7 +16,7 @@ import (
 
 // ControllerExpandVolume grows a volume's image. The loop device and the
 // filesystem follow on the node (NodeExpandVolume, or the next stage).
-func (d *Driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
+func (d *Controller) ControllerExpandVolume(_ context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -47,7 +47,7 @@ func (d *Driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerEx
 
 // expandImage grows the image to the size the range asks for. Shrinking is
 // refused; a volume that is already large enough is left as it is.
-func (d *Driver) expandImage(p *pool.Pool, token string, r *csi.CapacityRange) (pool.Volume, error) {
+func (d *core) expandImage(p *pool.Pool, token string, r *csi.CapacityRange) (pool.Volume, error) {
 	if r.GetRequiredBytes() < 0 || r.GetLimitBytes() < 0 {
 		return pool.Volume{}, invalidf("capacity range must not be negative (required %d, limit %d)", r.GetRequiredBytes(), r.GetLimitBytes())
 	}
@@ -72,7 +72,7 @@ func (d *Driver) expandImage(p *pool.Pool, token string, r *csi.CapacityRange) (
 // (LOOP_SET_CAPACITY) and grows the filesystem online. When the controller
 // could not grow the image (a node-local pool served by the node alone), it
 // grows the image first.
-func (d *Driver) NodeExpandVolume(_ context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+func (d *Node) NodeExpandVolume(_ context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -135,7 +135,7 @@ func (d *Driver) NodeExpandVolume(_ context.Context, req *csi.NodeExpandVolumeRe
 
 // growFilesystem grows the filesystem mounted at mnt to fill its device if
 // it is smaller.
-func (d *Driver) growFilesystem(nv *nodeVolume, mnt string) error {
+func (d *Node) growFilesystem(nv *nodeVolume, mnt string) error {
 	need, err := d.kernel.Mounter.NeedResize(nv.dev.Path, mnt)
 	if err != nil {
 		return status.Errorf(codes.Internal, "checking the filesystem size of %s: %v", nv.vol.ID, err)

@@ -13,7 +13,7 @@ import (
 )
 
 // GroupControllerGetCapabilities reports group snapshots.
-func (d *Driver) GroupControllerGetCapabilities(context.Context, *csi.GroupControllerGetCapabilitiesRequest) (*csi.GroupControllerGetCapabilitiesResponse, error) {
+func (d *Controller) GroupControllerGetCapabilities(context.Context, *csi.GroupControllerGetCapabilitiesRequest) (*csi.GroupControllerGetCapabilitiesResponse, error) {
 	return &csi.GroupControllerGetCapabilitiesResponse{Capabilities: []*csi.GroupControllerServiceCapability{{
 		Type: &csi.GroupControllerServiceCapability_Rpc{Rpc: &csi.GroupControllerServiceCapability_RPC{
 			Type: csi.GroupControllerServiceCapability_RPC_CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT,
@@ -24,7 +24,7 @@ func (d *Driver) GroupControllerGetCapabilities(context.Context, *csi.GroupContr
 // CreateVolumeGroupSnapshot snapshots several volumes of one pool together:
 // their filesystems staged on this node are all frozen while the images
 // are copied, so the snapshots are consistent with each other.
-func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateVolumeGroupSnapshotRequest) (*csi.CreateVolumeGroupSnapshotResponse, error) {
+func (d *Controller) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateVolumeGroupSnapshotRequest) (*csi.CreateVolumeGroupSnapshotResponse, error) {
 	if err := checkName(req.GetName()); err != nil {
 		return nil, err
 	}
@@ -69,7 +69,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 	if err != nil {
 		return nil, err
 	}
-	copyCtx, thaw, err := d.freezeStaged(ctx, p, tokens)
+	copyCtx, thaw, err := d.freeze(ctx, p, tokens)
 	if err != nil {
 		return nil, err
 	}
@@ -110,7 +110,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 }
 
 // existingGroup answers a repeated CreateVolumeGroupSnapshot.
-func (d *Driver) existingGroup(p *pool.Pool, g pool.Group, srcIDs []string) (*csi.CreateVolumeGroupSnapshotResponse, error) {
+func (d *Controller) existingGroup(p *pool.Pool, g pool.Group, srcIDs []string) (*csi.CreateVolumeGroupSnapshotResponse, error) {
 	gs := d.csiGroup(p, g)
 	var have []string
 	for _, s := range gs.GetSnapshots() {
@@ -123,7 +123,7 @@ func (d *Driver) existingGroup(p *pool.Pool, g pool.Group, srcIDs []string) (*cs
 	return &csi.CreateVolumeGroupSnapshotResponse{GroupSnapshot: gs}, nil
 }
 
-func (d *Driver) csiGroup(p *pool.Pool, g pool.Group) *csi.VolumeGroupSnapshot {
+func (d *Controller) csiGroup(p *pool.Pool, g pool.Group) *csi.VolumeGroupSnapshot {
 	gs := &csi.VolumeGroupSnapshot{GroupSnapshotId: g.ID, CreationTime: timestamppb.New(g.CreatedAt), ReadyToUse: true}
 	for _, id := range g.SnapshotIDs {
 		sid, err := volid.ParseKind(id, volid.KindSnapshot)
@@ -141,7 +141,7 @@ func (d *Driver) csiGroup(p *pool.Pool, g pool.Group) *csi.VolumeGroupSnapshot {
 }
 
 // GetVolumeGroupSnapshot returns a group snapshot.
-func (d *Driver) GetVolumeGroupSnapshot(_ context.Context, req *csi.GetVolumeGroupSnapshotRequest) (*csi.GetVolumeGroupSnapshotResponse, error) {
+func (d *Controller) GetVolumeGroupSnapshot(_ context.Context, req *csi.GetVolumeGroupSnapshotRequest) (*csi.GetVolumeGroupSnapshotResponse, error) {
 	if req.GetGroupSnapshotId() == "" {
 		return nil, invalidf("group snapshot ID is missing")
 	}
@@ -171,7 +171,7 @@ func checkMembers(g pool.Group, ids []string) error {
 
 // DeleteVolumeGroupSnapshot deletes a group snapshot and its members; one
 // that does not exist is already deleted.
-func (d *Driver) DeleteVolumeGroupSnapshot(_ context.Context, req *csi.DeleteVolumeGroupSnapshotRequest) (*csi.DeleteVolumeGroupSnapshotResponse, error) {
+func (d *Controller) DeleteVolumeGroupSnapshot(_ context.Context, req *csi.DeleteVolumeGroupSnapshotRequest) (*csi.DeleteVolumeGroupSnapshotResponse, error) {
 	id := req.GetGroupSnapshotId()
 	if id == "" {
 		return nil, invalidf("group snapshot ID is missing")

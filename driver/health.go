@@ -37,7 +37,7 @@ const poolNearlyFull = 0.95
 // NodeGetVolumeHealth reports what is wrong with a volume on this node: its
 // image is gone, its loop device vanished under a mount, or its filesystem
 // turned read-only after errors. An empty list means healthy.
-func (d *Driver) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
+func (d *Node) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -111,7 +111,7 @@ func (d *Driver) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHe
 // reported. (A device whose backing file was changed no longer matches the
 // image and is not found at all: see unstageForeignBlock.) It returns what
 // is still wrong.
-func (d *Driver) checkDevice(nv *nodeVolume) []string {
+func (d *Node) checkDevice(nv *nodeVolume) []string {
 	dev := nv.dev
 	if dev == nil {
 		return nil
@@ -135,7 +135,7 @@ func (d *Driver) checkDevice(nv *nodeVolume) []string {
 }
 
 // NodeGetStorageHealth reports pools that are unreachable or nearly full.
-func (d *Driver) NodeGetStorageHealth(context.Context, *csi.NodeGetStorageHealthRequest) (*csi.NodeGetStorageHealthResponse, error) {
+func (d *Node) NodeGetStorageHealth(context.Context, *csi.NodeGetStorageHealthRequest) (*csi.NodeGetStorageHealthResponse, error) {
 	resp := &csi.NodeGetStorageHealthResponse{}
 	for _, name := range d.poolOrder {
 		p := d.pools[name]
@@ -165,7 +165,7 @@ func (d *Driver) NodeGetStorageHealth(context.Context, *csi.NodeGetStorageHealth
 // controllerHealth is what the controller can tell about a volume from its
 // pool: whether its image is there and whole, and whether the pool can still
 // hold every byte it promised.
-func (d *Driver) controllerHealth(p *pool.Pool, v pool.Volume, c pool.Capacity) []*csi.VolumeHealth_VolumeHealthEntry {
+func (d *Controller) controllerHealth(p *pool.Pool, v pool.Volume, c pool.Capacity) []*csi.VolumeHealth_VolumeHealthEntry {
 	var out []*csi.VolumeHealth_VolumeHealthEntry
 	add := func(st csi.VolumeHealthErrorType, reason, msg string) {
 		out = append(out, &csi.VolumeHealth_VolumeHealthEntry{Status: st, Reason: reason, Message: msg})
@@ -191,7 +191,7 @@ func (d *Driver) controllerHealth(p *pool.Pool, v pool.Volume, c pool.Capacity) 
 }
 
 // ControllerGetVolumeHealth reports a volume's health as seen from its pool.
-func (d *Driver) ControllerGetVolumeHealth(_ context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
+func (d *Controller) ControllerGetVolumeHealth(_ context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
 	if req.GetVolumeId() == "" {
 		return nil, invalidf("volume ID is missing")
 	}
@@ -208,7 +208,7 @@ func (d *Driver) ControllerGetVolumeHealth(_ context.Context, req *csi.Controlle
 
 // ControllerListVolumeHealth reports the health of every volume, in ID
 // order, paged like ListVolumes.
-func (d *Driver) ControllerListVolumeHealth(_ context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
+func (d *Controller) ControllerListVolumeHealth(_ context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
 	page, next, err := d.volumePage(req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err

@@ -27,7 +27,7 @@ import (
 const blockMarker = "device"
 
 // NodeGetCapabilities lists the node RPCs Spool implements.
-func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+func (d *Node) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
 	var caps []*csi.NodeServiceCapability
 	for _, t := range []csi.NodeServiceCapability_RPC_Type{
 		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
@@ -45,7 +45,7 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 }
 
 // NodeGetInfo reports the node ID, its attach limit and its topology.
-func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+func (d *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{
 		NodeId:             d.opts.NodeID,
 		MaxVolumesPerNode:  d.opts.MaxVolumesPerNode,
@@ -67,7 +67,7 @@ type nodeVolume struct {
 }
 
 // nodeLookup finds a volume served by this node and its loop device.
-func (d *Driver) nodeLookup(id string) (*nodeVolume, error) {
+func (d *Node) nodeLookup(id string) (*nodeVolume, error) {
 	p, v, err := d.findNodeVolume(id)
 	if err != nil {
 		return nil, err
@@ -93,7 +93,7 @@ func imageOf(p *pool.Pool, token string) (pool.ImageID, error) {
 }
 
 // findDevice returns this node's loop device backed by the image, or nil.
-func (d *Driver) findDevice(image pool.ImageID) (*loop.Device, error) {
+func (d *Node) findDevice(image pool.ImageID) (*loop.Device, error) {
 	dev, err := d.kernel.Loops.Find(image, d.loopOwner)
 	if errors.Is(err, loop.ErrNotFound) {
 		return nil, nil
@@ -104,7 +104,7 @@ func (d *Driver) findDevice(image pool.ImageID) (*loop.Device, error) {
 // ownDevice returns this node's loop device of a volume, or nil when the
 // volume has none or its image is gone. An image that is not what Spool
 // makes is an error wrapping pool.ErrUntrusted.
-func (d *Driver) ownDevice(p *pool.Pool, token string) (*loop.Device, error) {
+func (d *Node) ownDevice(p *pool.Pool, token string) (*loop.Device, error) {
 	image, err := imageOf(p, token)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -119,7 +119,7 @@ func (d *Driver) ownDevice(p *pool.Pool, token string) (*loop.Device, error) {
 // image is opened beneath the pool root and checked again, and the loop
 // device is set up from that descriptor: what was checked is what the
 // kernel gets.
-func (d *Driver) attach(nv *nodeVolume, ro bool) (*loop.Device, error) {
+func (d *Node) attach(nv *nodeVolume, ro bool) (*loop.Device, error) {
 	if nv.imageErr != nil {
 		return nil, imageError(nv.vol.ID, nv.imageErr)
 	}
@@ -154,7 +154,7 @@ func imageError(id string, err error) error {
 
 // lockNodeVolume takes the volume's lock and finds it on this node; the
 // caller calls unlock when it is done.
-func (d *Driver) lockNodeVolume(id string) (*nodeVolume, func(), error) {
+func (d *Node) lockNodeVolume(id string) (*nodeVolume, func(), error) {
 	unlock, err := d.lockVolume(id)
 	if err != nil {
 		return nil, nil, err
@@ -169,7 +169,7 @@ func (d *Driver) lockNodeVolume(id string) (*nodeVolume, func(), error) {
 
 // findNodeVolume finds a volume by its Spool ID, or an ephemeral inline
 // volume by the ID the kubelet gave it.
-func (d *Driver) findNodeVolume(id string) (*pool.Pool, pool.Volume, error) {
+func (d *Node) findNodeVolume(id string) (*pool.Pool, pool.Volume, error) {
 	p, v, err := d.getVolume(id)
 	if err != nil && isEphemeralID(id) {
 		for _, name := range d.poolOrder {
@@ -184,7 +184,7 @@ func (d *Driver) findNodeVolume(id string) (*pool.Pool, pool.Volume, error) {
 // checkPublishContext verifies that the volume is attached to this node with
 // the attachment the publish context names, and returns whether that
 // attachment is read-only.
-func (d *Driver) checkPublishContext(v pool.Volume, pc map[string]string) (bool, error) {
+func (d *Node) checkPublishContext(v pool.Volume, pc map[string]string) (bool, error) {
 	node := pc[ctxNode]
 	if node == "" {
 		return false, preconditionf("volume %s has no publish context: ControllerPublishVolume must attach it to node %s first", v.ID, d.opts.NodeID)
@@ -218,7 +218,7 @@ func readOnlyMode(c *csi.VolumeCapability) bool {
 // NodeStageVolume attaches the image to a loop device and, for filesystem
 // volumes, formats a blank device and mounts it at the staging path. Block
 // volumes get their device node bound onto <staging>/device.
-func (d *Driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+func (d *Node) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -361,7 +361,7 @@ func checkStageKind(v pool.Volume, block bool, fsType string) error {
 
 // alreadyStaged reports whether the volume is already staged at staging as
 // asked. A staging path that holds anything else is an error.
-func (d *Driver) alreadyStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string, block bool, fsType string) (bool, error) {
+func (d *Node) alreadyStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string, block bool, fsType string) (bool, error) {
 	if block {
 		m, ok := fs.MountAt(mounts, filepath.Join(staging, blockMarker))
 		if !ok {
@@ -391,7 +391,7 @@ func (d *Driver) alreadyStaged(nv *nodeVolume, mounts []fs.MountInfo, staging st
 	return true, nil
 }
 
-func (d *Driver) stageBlock(nv *nodeVolume, staging string) error {
+func (d *Node) stageBlock(nv *nodeVolume, staging string) error {
 	marker := filepath.Join(staging, blockMarker)
 	if err := fs.MakeFile(marker); err != nil {
 		return coPathError("staging path", err)
@@ -405,7 +405,7 @@ func (d *Driver) stageBlock(nv *nodeVolume, staging string) error {
 	return nil
 }
 
-func (d *Driver) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fsType string, ro bool) error {
+func (d *Node) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fsType string, ro bool) error {
 	found, err := d.kernel.Mounter.Probe(nv.dev.Path)
 	if err != nil {
 		return status.Errorf(codes.Internal, "%v", err)
@@ -465,7 +465,7 @@ func (d *Driver) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fs
 // before their first mount (btrfs refuses two filesystems with one fsid);
 // xfs is always mounted with nouuid, and gets a new UUID too when its log is
 // clean enough for xfs_admin.
-func (d *Driver) copyIdentity(nv *nodeVolume, fsType string, ro bool) []string {
+func (d *Node) copyIdentity(nv *nodeVolume, fsType string, ro bool) []string {
 	var opts []string
 	if fsType == "xfs" {
 		opts = append(opts, "nouuid")
@@ -503,7 +503,7 @@ func deviceUsers(mounts []fs.MountInfo, dev *loop.Device) []string {
 // NodeUnstageVolume undoes NodeStageVolume: it unmounts the staging path (or
 // the block marker) and detaches the loop device. It refuses while the
 // volume is still published somewhere.
-func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+func (d *Node) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -564,7 +564,7 @@ func (d *Driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolume
 
 // NodePublishVolume bind-mounts the staged volume onto the target path: the
 // staging mount for filesystems, the loop device node for block volumes.
-func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+func (d *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -651,7 +651,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 // carries this node's owner tag and the volume's token (set at attach); a
 // device without them is not proven to be this volume's and stays, and the
 // call fails. It returns nil when no device node is bound at marker.
-func (d *Driver) reconfiguredBlockDevice(mounts []fs.MountInfo, marker string, v pool.Volume) (*loop.Device, error) {
+func (d *Node) reconfiguredBlockDevice(mounts []fs.MountInfo, marker string, v pool.Volume) (*loop.Device, error) {
 	m, ok := fs.MountAt(mounts, marker)
 	if !ok || m.FsType != "devtmpfs" {
 		return nil, nil
@@ -685,7 +685,7 @@ func coPathError(what string, err error) error {
 }
 
 // isStaged reports whether the volume's loop device is staged at staging.
-func (d *Driver) isStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string, block bool) bool {
+func (d *Node) isStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string, block bool) bool {
 	if nv.dev == nil {
 		return false
 	}
@@ -698,7 +698,7 @@ func (d *Driver) isStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string,
 }
 
 // NodeUnpublishVolume unmounts the target path and removes it.
-func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+func (d *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
@@ -760,7 +760,7 @@ func (d *Driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 
 // NodeGetVolumeStats reports usage: bytes and inodes of the filesystem, or
 // the size of a block device. Health is NodeGetVolumeHealth's job.
-func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+func (d *Node) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalidf("volume ID is missing")

@@ -11,13 +11,27 @@ import (
 	"k8s.io/klog/v2"
 )
 
+// start repairs what an interrupted run of the node plugin left, before it
+// serves: orphan loop devices, orphan ephemeral volumes, the fences of
+// shared volumes still staged; and registers the node in its shared pools.
+func (d *Node) start() error {
+	if err := d.detachOrphanLoops(); err != nil {
+		return err
+	}
+	d.deleteOrphanEphemerals()
+	if err := d.adoptSharedStagings(); err != nil {
+		return err
+	}
+	return d.registerSharedPools()
+}
+
 // detachOrphanLoops runs when the node service starts. A loop device of this
 // node (ownedDevices) that nothing mounts or binds is
 // a leftover of a stage that was interrupted (or of an unstage that crashed
 // between unmount and detach): the CO will stage again, so the device is
 // detached. Devices in use are left alone: pods keep their volumes across a
 // restart of the plugin.
-func (d *Driver) detachOrphanLoops() error {
+func (d *Node) detachOrphanLoops() error {
 	devs, err := d.ownedDevices()
 	if err != nil {
 		return err
@@ -47,7 +61,7 @@ func (d *Driver) detachOrphanLoops() error {
 // thawIfFrozen thaws the filesystem of dev if a snapshot or clone was
 // interrupted while it was frozen: the kernel keeps it frozen after the
 // process that froze it died, and every write in the pod would hang.
-func (d *Driver) thawIfFrozen(mounts []fs.MountInfo, dev *loop.Device) {
+func (d *Node) thawIfFrozen(mounts []fs.MountInfo, dev *loop.Device) {
 	for _, m := range mounts {
 		if !fs.IsDeviceMount(m, dev.Path, dev.Rdev) {
 			continue
@@ -81,7 +95,7 @@ type ownedDevice struct {
 // image's path never does. A device whose image was deleted belongs to it
 // when it carries this node's tag, or no tag and the path of one of its
 // pools' images.
-func (d *Driver) ownedDevices() ([]ownedDevice, error) {
+func (d *Node) ownedDevices() ([]ownedDevice, error) {
 	devs, err := d.kernel.Loops.List()
 	if err != nil {
 		return nil, fmt.Errorf("listing loop devices: %w", err)
@@ -119,7 +133,7 @@ func (d *Driver) ownedDevices() ([]ownedDevice, error) {
 }
 
 // attachedLoops counts the loop devices of this node plugin.
-func (d *Driver) attachedLoops() (int, error) {
+func (d *Node) attachedLoops() (int, error) {
 	devs, err := d.ownedDevices()
 	return len(devs), err
 }

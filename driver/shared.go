@@ -41,7 +41,7 @@ func SharedTopologyKey(driverName, poolName string) string {
 }
 
 // poolSegments is the topology of a pool's volumes.
-func (d *Driver) poolSegments(p *pool.Pool) map[string]string {
+func (d *core) poolSegments(p *pool.Pool) map[string]string {
 	if p.Shared() {
 		return map[string]string{SharedTopologyKey(d.opts.DriverName, p.Name()): sharedPresent}
 	}
@@ -50,7 +50,7 @@ func (d *Driver) poolSegments(p *pool.Pool) map[string]string {
 
 // topologyMatches reports whether the pool's volumes are accessible in
 // topology t.
-func (d *Driver) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
+func (d *core) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
 	for k, v := range d.poolSegments(p) {
 		if t.GetSegments()[k] != v {
 			return false
@@ -64,7 +64,7 @@ func (d *Driver) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
 // readable and unchanged). A node with only shared pools reports no node
 // key: nothing of it is reachable from this node alone, and the
 // provisioner then tracks a shared pool's capacity once, not once per node.
-func (d *Driver) nodeSegments() map[string]string {
+func (d *Node) nodeSegments() map[string]string {
 	seg := map[string]string{}
 	for _, p := range d.poolList() {
 		if !p.Shared() {
@@ -176,7 +176,7 @@ func (f *fences) get(id string) (uint64, bool) {
 // fenceLost reports why this node no longer holds the attachment of a
 // volume of a shared pool it has staged ("" while it does, or when the
 // volume is not staged here).
-func (d *Driver) fenceLost(p *pool.Pool, v pool.Volume, staged bool) string {
+func (d *Node) fenceLost(p *pool.Pool, v pool.Volume, staged bool) string {
 	if !p.Shared() {
 		return ""
 	}
@@ -199,7 +199,7 @@ func (d *Driver) fenceLost(p *pool.Pool, v pool.Volume, staged bool) string {
 // watchFences checks every interval that the staged volumes of shared pools
 // are still attached to this node, and logs loudly when one is not: its
 // volume condition turns abnormal (NodeGetVolumeStats) at the same time.
-func (d *Driver) watchFences(ctx context.Context, interval time.Duration) {
+func (d *Node) watchFences(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -236,7 +236,7 @@ func (d *Driver) watchFences(ctx context.Context, interval time.Duration) {
 // registerSharedPools records this node in every shared pool it serves, so
 // that controllers attach its volumes to it: a node whose share is not
 // mounted cannot write the record.
-func (d *Driver) registerSharedPools() error {
+func (d *Node) registerSharedPools() error {
 	for _, p := range d.poolList() {
 		if p.Shared() {
 			if err := p.RegisterNode(d.opts.NodeID); err != nil {
@@ -248,7 +248,7 @@ func (d *Driver) registerSharedPools() error {
 }
 
 // servesShared reports whether any pool is shared.
-func (d *Driver) servesShared() bool {
+func (d *core) servesShared() bool {
 	return slices.ContainsFunc(d.poolList(), (*pool.Pool).Shared)
 }
 
@@ -270,7 +270,7 @@ func generationOf(pc map[string]string) (uint64, bool) {
 // call), that this node still holds the attachment of a volume of a shared
 // pool, and logs an error when it does not. NodeGetVolumeHealth reports the
 // same as AttachmentLost.
-func (d *Driver) checkFence(nv *nodeVolume) {
+func (d *Node) checkFence(nv *nodeVolume) {
 	if why := d.fenceLost(nv.pool, nv.vol, nv.dev != nil); why != "" {
 		klog.ErrorS(nil, "Volume in use on this node is no longer attached to it", "volumeID", nv.vol.ID, "node", d.opts.NodeID, "reason", why)
 	}
@@ -280,7 +280,7 @@ func (d *Driver) checkFence(nv *nodeVolume) {
 // are still staged on this node (their loop devices survived a restart of
 // the node plugin) with the attachment the node holds now; a volume the
 // node no longer holds is reported at once.
-func (d *Driver) adoptSharedStagings() error {
+func (d *Node) adoptSharedStagings() error {
 	if !d.servesShared() {
 		return nil
 	}
@@ -318,7 +318,7 @@ func (d *Driver) adoptSharedStagings() error {
 // markStaged verifies, under the volume's lock in the pool, that this node
 // holds the attachment of generation gen, and marks it staged: the check
 // and the mark are one step, so a detach cannot slip in between.
-func (d *Driver) markStaged(p *pool.Pool, v pool.Volume, gen uint64) error {
+func (d *Node) markStaged(p *pool.Pool, v pool.Volume, gen uint64) error {
 	_, err := p.Update(v.Token(), func(v *pool.Volume) error {
 		for i, a := range v.Attachments {
 			if a.Node != d.opts.NodeID {

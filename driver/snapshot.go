@@ -32,7 +32,7 @@ func checkSnapshotParams(in map[string]string) error {
 // CreateSnapshot copies a volume's image into a read-only snapshot. A
 // filesystem staged on this node is frozen for the copy, so the snapshot
 // holds a consistent filesystem.
-func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
+func (d *Controller) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
 	if err := checkName(req.GetName()); err != nil {
 		return nil, err
 	}
@@ -60,7 +60,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		return nil, err
 	}
 	defer unlock()
-	copyCtx, thaw, err := d.freezeStaged(ctx, p, []string{vid.Token})
+	copyCtx, thaw, err := d.freeze(ctx, p, []string{vid.Token})
 	if err != nil {
 		return nil, err
 	}
@@ -79,7 +79,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 
 // snapshotByName finds a snapshot by name in any pool: names are unique
 // across the driver.
-func (d *Driver) snapshotByName(name string) (pool.Snapshot, bool) {
+func (d *Controller) snapshotByName(name string) (pool.Snapshot, bool) {
 	for _, p := range d.pools {
 		if s, ok := p.GetSnapshotByName(name); ok {
 			return s, true
@@ -88,12 +88,21 @@ func (d *Driver) snapshotByName(name string) (pool.Snapshot, bool) {
 	return pool.Snapshot{}, false
 }
 
+// freeze freezes, for a copy, the filesystems of the volumes staged by the
+// node service of this process, if it runs one (localNode).
+func (d *Controller) freeze(ctx context.Context, p *pool.Pool, tokens []string) (context.Context, func() error, error) {
+	if d.local == nil {
+		return ctx, func() error { return nil }, nil
+	}
+	return d.local.freezeStaged(ctx, p, tokens)
+}
+
 // freezeStaged freezes the filesystems of the given volumes that are
 // mounted on this node, for a copy. The returned context bounds the copy by
 // --max-freeze when anything was frozen: a pod's writes hang while its
 // filesystem is frozen, so a copy that takes longer is given up. The
 // returned thaw undoes every freeze; it is never nil.
-func (d *Driver) freezeStaged(ctx context.Context, p *pool.Pool, tokens []string) (context.Context, func() error, error) {
+func (d *Node) freezeStaged(ctx context.Context, p *pool.Pool, tokens []string) (context.Context, func() error, error) {
 	var thaws []func() error
 	thawAll := func() error {
 		var errs []error
@@ -141,7 +150,7 @@ func (d *Driver) freezeStaged(ctx context.Context, p *pool.Pool, tokens []string
 
 // frozenTooLong explains a copy given up because it outlasted --max-freeze
 // (copyCtx expired while the caller's ctx did not); other errors pass.
-func (d *Driver) frozenTooLong(ctx, copyCtx context.Context, err error) error {
+func (d *Controller) frozenTooLong(ctx, copyCtx context.Context, err error) error {
 	if errors.Is(err, context.DeadlineExceeded) && copyCtx.Err() != nil && ctx.Err() == nil {
 		return status.Errorf(codes.DeadlineExceeded, "the copy took longer than --max-freeze (%s) while the volume's filesystem was frozen, so it was thawed and the copy given up: copies are instant on a pool filesystem with reflinks (xfs, btrfs); or raise --max-freeze", d.opts.MaxFreeze)
 	}
@@ -152,7 +161,7 @@ func (d *Driver) frozenTooLong(ctx, copyCtx context.Context, err error) error {
 // the field is optional, the snapshot ID already names its node, and
 // csi-test v5.6.0 compares a returned topology with reflect-based equality
 // that never holds for a protobuf message decoded from the wire.
-func (d *Driver) csiSnapshot(s pool.Snapshot) *csi.Snapshot {
+func (d *Controller) csiSnapshot(s pool.Snapshot) *csi.Snapshot {
 	return &csi.Snapshot{
 		SnapshotId:      s.ID,
 		SourceVolumeId:  s.SourceVolumeID,
@@ -165,7 +174,7 @@ func (d *Driver) csiSnapshot(s pool.Snapshot) *csi.Snapshot {
 
 // DeleteSnapshot deletes a snapshot; one that does not exist is already
 // deleted. Members of a group snapshot are deleted with their group.
-func (d *Driver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
+func (d *Controller) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
 	id := req.GetSnapshotId()
 	if id == "" {
 		return nil, invalidf("snapshot ID is missing")
@@ -200,7 +209,7 @@ func (d *Driver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotReques
 }
 
 // GetSnapshot returns one snapshot.
-func (d *Driver) GetSnapshot(_ context.Context, req *csi.GetSnapshotRequest) (*csi.GetSnapshotResponse, error) {
+func (d *Controller) GetSnapshot(_ context.Context, req *csi.GetSnapshotRequest) (*csi.GetSnapshotResponse, error) {
 	if req.GetSnapshotId() == "" {
 		return nil, invalidf("snapshot ID is missing")
 	}
@@ -217,7 +226,7 @@ func (d *Driver) GetSnapshot(_ context.Context, req *csi.GetSnapshotRequest) (*c
 
 // ListSnapshots lists snapshots in ID order, optionally only one snapshot
 // or the snapshots of one volume. The token is the ID to resume from.
-func (d *Driver) ListSnapshots(_ context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
+func (d *Controller) ListSnapshots(_ context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
 	if req.GetMaxEntries() < 0 {
 		return nil, invalidf("max_entries must not be negative")
 	}
