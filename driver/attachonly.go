@@ -21,7 +21,9 @@ import (
 // and NodeUnstage releases it.
 
 // attachOnly reports whether this driver is such an attach controller.
-func (d *Controller) attachOnly() bool { return d.opts.Mode == ModeController && len(d.pools) == 0 }
+func (d *Controller) attachOnly() bool {
+	return d.opts.Mode == ModeController && len(d.pools.all()) == 0
+}
 
 // publishNodeLocal answers ControllerPublishVolume without the pool.
 func (d *Controller) publishNodeLocal(req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {

@@ -103,7 +103,7 @@ func TestNodeRecordsNodeLocalAttachment(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	_, got, err := d.getVolume(id)
+	_, got, err := d.pools.volume(id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func TestNodeRecordsNodeLocalAttachment(t *testing.T) {
 	if _, err := d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
 		t.Fatal(err)
 	}
-	if _, got, _ = d.getVolume(id); len(got.Attachments) != 0 {
+	if _, got, _ = d.pools.volume(id); len(got.Attachments) != 0 {
 		t.Fatalf("attachments after unstage: %+v", got.Attachments)
 	}
 	if k.attached() != 0 {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
-	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -97,9 +96,9 @@ func (d *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if src != nil && prm.pool == "" {
 		prm.pool = src.pool.Name() // copies stay in their origin's pool
 	}
-	p, ok := d.pool(prm.pool)
+	p, ok := d.pools.get(prm.pool)
 	if !ok {
-		return nil, invalidf("pool %q is not served here (pools: %v)", prm.pool, d.poolOrder)
+		return nil, invalidf("pool %q is not served here (pools: %v)", prm.pool, d.pools.names())
 	}
 	if src != nil && src.pool != p {
 		return nil, invalidf("%s %s is in pool %s: a copy is made in the pool of its origin, not in %s", src.kind, src.id, src.pool.Name(), p.Name())
@@ -122,10 +121,8 @@ func (d *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		}
 		n = src.size
 	}
-	for _, other := range d.pools {
-		if v, ok := other.GetByName(req.GetName()); ok && other != p {
-			return nil, alreadyExistsf("volume %q exists in pool %s", v.Name, other.Name())
-		}
+	if other, v, ok := d.pools.volumeNamed(req.GetName()); ok && other != p {
+		return nil, alreadyExistsf("volume %q exists in pool %s", v.Name, other.Name())
 	}
 	creq := pool.CreateRequest{
 		Name: req.GetName(), CapacityBytes: n, Provisioning: prm.provisioning,
@@ -204,7 +201,7 @@ func (d *Controller) contentSource(cs *csi.VolumeContentSource) (*contentSrc, er
 		return nil, nil
 	case cs.GetSnapshot() != nil:
 		id := cs.GetSnapshot().GetSnapshotId()
-		p, sid, err := d.lookupKind(id, volid.KindSnapshot)
+		p, sid, err := d.pools.resolve(id, volid.KindSnapshot)
 		if err != nil {
 			return nil, err
 		}
@@ -217,7 +214,7 @@ func (d *Controller) contentSource(cs *csi.VolumeContentSource) (*contentSrc, er
 		if src.accessType == "" {
 			// Made before snapshots recorded it: its source, if it is
 			// still there, says.
-			if _, v, err := d.getVolume(s.SourceVolumeID); err == nil {
+			if _, v, err := d.pools.volume(s.SourceVolumeID); err == nil {
 				src.accessType, src.fsType = v.AccessType, v.FSType
 			} else {
 				klog.InfoS("Snapshot records no access type and its source volume is gone: the restore is made as asked", "snapshotID", id, "sourceVolumeID", s.SourceVolumeID)
@@ -226,7 +223,7 @@ func (d *Controller) contentSource(cs *csi.VolumeContentSource) (*contentSrc, er
 		return src, nil
 	case cs.GetVolume() != nil:
 		id := cs.GetVolume().GetVolumeId()
-		p, v, err := d.getVolume(id)
+		p, v, err := d.pools.volume(id)
 		if err != nil {
 			return nil, err
 		}
@@ -289,43 +286,6 @@ func (d *core) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
 	return cv
 }
 
-// lookup parses a volume ID and finds its pool. Malformed IDs and IDs of
-// pools or nodes not served here are NotFound: no such volume exists here.
-func (d *core) lookup(id string) (*pool.Pool, volid.ID, error) {
-	return d.lookupKind(id, volid.KindVolume)
-}
-
-// lookupKind is lookup for an ID of any kind.
-func (d *core) lookupKind(id string, kind volid.Kind) (*pool.Pool, volid.ID, error) {
-	what := "volume"
-	if kind != volid.KindVolume {
-		what = string(kind)
-	}
-	vid, err := volid.ParseKind(id, kind)
-	if err != nil {
-		return nil, volid.ID{}, notFoundf("%s %q does not exist: %v", what, id, err)
-	}
-	p, ok := d.pools[vid.Pool]
-	if !ok {
-		return nil, vid, notFoundf("%s %s does not exist: pool %s is not served here", what, id, vid.Pool)
-	}
-	if p.Node() != vid.Node {
-		return nil, vid, notFoundf("%s %s does not exist here: it lives on node %s", what, id, vid.Node)
-	}
-	return p, vid, nil
-}
-
-// getVolume finds a volume by ID; a volume that does not exist here is
-// NotFound.
-func (d *core) getVolume(id string) (*pool.Pool, pool.Volume, error) {
-	p, vid, err := d.lookup(id)
-	if err != nil {
-		return nil, pool.Volume{}, err
-	}
-	v, err := p.Get(vid.Token)
-	return p, v, err
-}
-
 // DeleteVolume deletes a volume; deleting a volume that does not exist
 // succeeds. A volume that is attached or staged is refused.
 func (d *Controller) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
@@ -338,7 +298,7 @@ func (d *Controller) DeleteVolume(_ context.Context, req *csi.DeleteVolumeReques
 		klog.V(2).InfoS("Deleting a malformed volume ID: nothing to do", "volumeID", id, "err", err)
 		return &csi.DeleteVolumeResponse{}, nil
 	}
-	p, vid, err := d.lookup(vid.String())
+	p, vid, err := d.pools.resolve(vid.String(), volid.KindVolume)
 	if err != nil {
 		// The ID names a pool or node this process does not serve: saying
 		// OK would let the CO forget a volume that still exists.
@@ -406,7 +366,7 @@ func (d *Controller) ControllerPublishVolume(_ context.Context, req *csi.Control
 	if d.attachOnly() {
 		return d.publishNodeLocal(req)
 	}
-	p, vid, err := d.lookup(id)
+	p, vid, err := d.pools.resolve(id, volid.KindVolume)
 	if err != nil {
 		return nil, err
 	}
@@ -435,7 +395,7 @@ func (d *Controller) ControllerPublishVolume(_ context.Context, req *csi.Control
 		if v, err := p.Get(vid.Token); err != nil {
 			return nil, err
 		} else if _, ok := v.AttachmentFor(node); !ok {
-			if n := d.attachedTo(node); n >= max {
+			if n := d.pools.attachedTo(node); n >= max {
 				return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes attached, its limit", node, n)
 			}
 		}
@@ -468,7 +428,7 @@ func (d *Controller) ControllerPublishVolume(_ context.Context, req *csi.Control
 		return nil, err
 	}
 	if created && max > 0 {
-		if n := d.attachedTo(node); n > max {
+		if n := d.pools.attachedTo(node); n > max {
 			if _, err := p.Update(vid.Token, func(v *pool.Volume) error {
 				v.Attachments = slices.DeleteFunc(v.Attachments, func(a pool.Attachment) bool { return a.Node == node && a.Generation == att.Generation })
 				return nil
@@ -490,19 +450,6 @@ func publishContext(a pool.Attachment) map[string]string {
 	}
 }
 
-// attachedTo counts the volumes attached to node in all pools.
-func (d *Controller) attachedTo(node string) int64 {
-	var n int64
-	for _, p := range d.pools {
-		for _, v := range p.List() {
-			if _, ok := v.AttachmentFor(node); ok {
-				n++
-			}
-		}
-	}
-	return n
-}
-
 // ControllerUnpublishVolume removes the node's attach record. Volumes and
 // nodes that do not exist are already unpublished.
 func (d *Controller) ControllerUnpublishVolume(_ context.Context, req *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error) {
@@ -510,7 +457,7 @@ func (d *Controller) ControllerUnpublishVolume(_ context.Context, req *csi.Contr
 	if id == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	p, vid, err := d.lookup(id)
+	p, vid, err := d.pools.resolve(id, volid.KindVolume)
 	if err != nil {
 		return &csi.ControllerUnpublishVolumeResponse{}, nil
 	}
@@ -549,7 +496,7 @@ func (d *Controller) ValidateVolumeCapabilities(_ context.Context, req *csi.Vali
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, invalidf("volume capabilities are missing")
 	}
-	p, v, err := d.getVolume(id)
+	p, v, err := d.pools.volume(id)
 	if err != nil {
 		return nil, err
 	}
@@ -578,7 +525,7 @@ func (d *Controller) ValidateVolumeCapabilities(_ context.Context, req *csi.Vali
 // ID to resume from, so deleting or adding volumes between pages neither
 // skips nor repeats the others.
 func (d *Controller) ListVolumes(_ context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
-	page, next, err := d.volumePage(req.GetStartingToken(), req.GetMaxEntries())
+	page, next, err := d.pools.volumePage(req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
@@ -590,54 +537,6 @@ func (d *Controller) ListVolumes(_ context.Context, req *csi.ListVolumesRequest)
 		})
 	}
 	return resp, nil
-}
-
-// poolVolume is a volume with its pool.
-type poolVolume struct {
-	p *pool.Pool
-	v pool.Volume
-}
-
-// defaultPageSize is the page ListVolumes and ListSnapshots return when the
-// CO asks for no particular size: every entry of a pool of many thousand
-// volumes would outgrow a gRPC message (4 MiB), and building it holds
-// every volume in memory at once. The CO follows next_token as for any
-// page.
-const defaultPageSize = 1000
-
-// pageSize is the number of entries a list call returns at most.
-func pageSize(maxEntries int32) int {
-	if maxEntries > 0 {
-		return int(maxEntries)
-	}
-	return defaultPageSize
-}
-
-// volumePage returns up to max volumes (defaultPageSize for 0) of all pools
-// in ID order, from the ID start on, and the ID to resume from.
-func (d *Controller) volumePage(start string, max int32) ([]poolVolume, string, error) {
-	if max < 0 {
-		return nil, "", invalidf("max_entries must not be negative")
-	}
-	if start != "" {
-		if _, err := volid.ParseKind(start, volid.KindVolume); err != nil {
-			return nil, "", abortedf("starting token %q is not valid: %v", start, err)
-		}
-	}
-	var all []poolVolume
-	for _, name := range d.poolOrder {
-		p := d.pools[name]
-		for _, v := range p.List() {
-			if v.ID >= start {
-				all = append(all, poolVolume{p, v})
-			}
-		}
-	}
-	slices.SortFunc(all, func(a, b poolVolume) int { return strings.Compare(a.v.ID, b.v.ID) })
-	if n := pageSize(max); len(all) > n {
-		return all[:n], all[n].v.ID, nil
-	}
-	return all, "", nil
 }
 
 // publishedNodes lists the nodes a volume is attached to.
@@ -656,9 +555,9 @@ func (d *Controller) GetCapacity(_ context.Context, req *csi.GetCapacityRequest)
 	if err != nil {
 		return nil, err
 	}
-	p, ok := d.pool(prm.pool)
+	p, ok := d.pools.get(prm.pool)
 	if !ok {
-		return nil, invalidf("pool %q is not served here (pools: %v)", prm.pool, d.poolOrder)
+		return nil, invalidf("pool %q is not served here (pools: %v)", prm.pool, d.pools.names())
 	}
 	minSize := sizeGranularity
 	for _, c := range req.GetVolumeCapabilities() {
@@ -688,7 +587,7 @@ func (d *Controller) ControllerGetVolume(_ context.Context, req *csi.ControllerG
 	if req.GetVolumeId() == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	p, v, err := d.getVolume(req.GetVolumeId())
+	p, v, err := d.pools.volume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -709,7 +608,7 @@ func (d *Controller) ControllerModifyVolume(_ context.Context, req *csi.Controll
 	if err := applyMutableParams(&prm, req.GetMutableParameters()); err != nil {
 		return nil, err
 	}
-	p, vid, err := d.lookup(id)
+	p, vid, err := d.pools.resolve(id, volid.KindVolume)
 	if err != nil {
 		return nil, err
 	}

@@ -183,8 +183,7 @@ func socketPath(endpoint string) (string, error) {
 // the locks of volume IDs and the metrics.
 type core struct {
 	opts        Options
-	pools       map[string]*pool.Pool
-	poolOrder   []string
+	pools       pools
 	topologyKey string
 	// volumeLocks serialises operations on one volume ID, across the
 	// services: a busy ID answers Aborted.
@@ -278,7 +277,7 @@ func NewOffline(opts Options, kernel Kernel) (*Driver, error) {
 // serves it; an offline controller (NewOffline) with a kernel gets a node
 // service that serves nothing, for its checks.
 func build(opts Options, kernel Kernel, offline bool) (*Driver, error) {
-	c := &core{opts: opts, pools: map[string]*pool.Pool{}, topologyKey: TopologyKey(opts.DriverName)}
+	c := &core{opts: opts, topologyKey: TopologyKey(opts.DriverName)}
 	d := &Driver{core: c}
 	var n *Node
 	if opts.serves(ModeNode) || (offline && kernel.Loops != nil) {
@@ -301,15 +300,14 @@ func build(opts Options, kernel Kernel, offline bool) (*Driver, error) {
 			d.Close()
 			return nil, err
 		}
-		d.pools[spec.Name] = p
-		d.poolOrder = append(d.poolOrder, spec.Name)
+		d.pools.add(p)
 	}
 	if opts.MetricsAddress != "" {
 		var attached func() (int, error)
 		if d.Node != nil {
 			attached = d.Node.attachedLoops
 		}
-		d.metrics = metrics.New(d.poolList(), attached)
+		d.metrics = metrics.New(d.pools.all(), attached)
 	}
 	if d.Node != nil {
 		if err := d.Node.start(); err != nil {
@@ -334,11 +332,7 @@ func loopOwner(nodeID string) string {
 }
 
 // Close releases the pools.
-func (d *Driver) Close() {
-	for _, p := range d.pools {
-		p.Close()
-	}
-}
+func (d *Driver) Close() { d.pools.close() }
 
 // Run serves on the endpoint until ctx is cancelled.
 func (d *Driver) Run(ctx context.Context) error {
@@ -394,7 +388,7 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 		csi.RegisterNodeServer(d.server, resizerNode{})
 	}
 	klog.InfoS("Serving CSI", "driver", d.opts.DriverName, "version", d.opts.Version, "mode", d.opts.Mode,
-		"endpoint", d.opts.Endpoint, "node", d.opts.NodeID, "pools", strings.Join(d.poolOrder, ","))
+		"endpoint", d.opts.Endpoint, "node", d.opts.NodeID, "pools", strings.Join(d.pools.names(), ","))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var metricsDone chan error // nil, never ready, when metrics are off
@@ -402,7 +396,7 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 		metricsDone = make(chan error, 1)
 		go func() { metricsDone <- d.metrics.Serve(ctx, d.metricsLis) }()
 	}
-	if d.Node != nil && d.servesShared() {
+	if d.Node != nil && d.pools.anyShared() {
 		go d.Node.watchFences(ctx, fenceCheckInterval)
 	}
 	errc := make(chan error, 1)
@@ -449,27 +443,6 @@ func listen(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
 	return lis, nil
-}
-
-// poolList returns the pools in configuration order.
-func (d *core) poolList() []*pool.Pool {
-	out := make([]*pool.Pool, 0, len(d.poolOrder))
-	for _, name := range d.poolOrder {
-		out = append(out, d.pools[name])
-	}
-	return out
-}
-
-// pool returns the named pool, or the first pool for "".
-func (d *core) pool(name string) (*pool.Pool, bool) {
-	if name == "" {
-		if len(d.poolOrder) == 0 {
-			return nil, false // an attach controller has no pools
-		}
-		name = d.poolOrder[0]
-	}
-	p, ok := d.pools[name]
-	return p, ok
 }
 
 // lockVolume takes the volume's lock or returns an Aborted status.

@@ -111,8 +111,8 @@ func TestCreateVolume(t *testing.T) {
 	req.AccessibilityRequirements = &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{"spool.csi.dev/node": "node-2"}}}}
 	_, err = d.CreateVolume(ctx, req)
 	wantCode(t, err, codes.ResourceExhausted)
-	if len(d.pools["default"].List()) != 1 {
-		t.Fatalf("failed requests left volumes behind: %v", d.pools["default"].List())
+	if len(d.pools.byName["default"].List()) != 1 {
+		t.Fatalf("failed requests left volumes behind: %v", d.pools.byName["default"].List())
 	}
 }
 
@@ -313,7 +313,7 @@ func TestNodeStageRefusals(t *testing.T) {
 		}
 	}
 	// A device that holds another filesystem is never reformatted.
-	img, _ := d.pools["default"].ImagePath(id[len(id)-24:])
+	img, _ := d.pools.byName["default"].ImagePath(id[len(id)-24:])
 	dev, _ := k.attachPath(img)
 	k.formats[dev.Path] = "xfs"
 	_, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c, PublishContext: pc})

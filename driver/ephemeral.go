@@ -95,9 +95,9 @@ func (d *Node) publishEphemeral(ctx context.Context, req *csi.NodePublishVolumeR
 	if err != nil {
 		return nil, err
 	}
-	p, ok := d.pool(attrs.pool)
+	p, ok := d.pools.get(attrs.pool)
 	if !ok {
-		return nil, invalidf("pool %q is not served here (pools: %v)", attrs.pool, d.poolOrder)
+		return nil, invalidf("pool %q is not served here (pools: %v)", attrs.pool, d.pools.names())
 	}
 	if err := d.checkEphemeralLimits(p, attrs); err != nil {
 		return nil, err
@@ -250,8 +250,7 @@ func (d *Node) removeUnmountedTarget(id, target string) error {
 // pod (its publish was interrupted, or its unpublish crashed), so it is
 // deleted. The kubelet's retry of the publish makes it again.
 func (d *Node) deleteOrphanEphemerals() {
-	for _, name := range d.poolOrder {
-		p := d.pools[name]
+	for _, p := range d.pools.all() {
 		if p.Shared() {
 			continue // no ephemeral volumes; and other nodes' loops are not visible here
 		}

@@ -12,6 +12,7 @@ import (
 	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/pool"
+	"github.com/spool-csi/spool/pkg/volid"
 )
 
 // ControllerExpandVolume grows a volume's image. The loop device and the
@@ -29,7 +30,7 @@ func (d *Controller) ControllerExpandVolume(_ context.Context, req *csi.Controll
 			return nil, err
 		}
 	}
-	p, vid, err := d.lookup(id)
+	p, vid, err := d.pools.resolve(id, volid.KindVolume)
 	if err != nil {
 		return nil, err
 	}

@@ -42,7 +42,7 @@ func (d *Controller) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.Cre
 	var p *pool.Pool
 	tokens := make([]string, 0, len(srcIDs))
 	for _, id := range srcIDs {
-		vp, vid, err := d.lookup(id)
+		vp, vid, err := d.pools.resolve(id, volid.KindVolume)
 		if err != nil {
 			return nil, err
 		}
@@ -145,7 +145,7 @@ func (d *Controller) GetVolumeGroupSnapshot(_ context.Context, req *csi.GetVolum
 	if req.GetGroupSnapshotId() == "" {
 		return nil, invalidf("group snapshot ID is missing")
 	}
-	p, gid, err := d.lookupKind(req.GetGroupSnapshotId(), volid.KindGroup)
+	p, gid, err := d.pools.resolve(req.GetGroupSnapshotId(), volid.KindGroup)
 	if err != nil {
 		return nil, err
 	}
@@ -180,7 +180,7 @@ func (d *Controller) DeleteVolumeGroupSnapshot(_ context.Context, req *csi.Delet
 	if err != nil {
 		return &csi.DeleteVolumeGroupSnapshotResponse{}, nil
 	}
-	p, _, err := d.lookupKind(id, volid.KindGroup)
+	p, _, err := d.pools.resolve(id, volid.KindGroup)
 	if err != nil {
 		return nil, preconditionf("group snapshot %s belongs to pool %s on node %s, which this controller does not serve", id, gid.Pool, gid.Node)
 	}

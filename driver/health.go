@@ -137,8 +137,8 @@ func (d *Node) checkDevice(nv *nodeVolume) []string {
 // NodeGetStorageHealth reports pools that are unreachable or nearly full.
 func (d *Node) NodeGetStorageHealth(context.Context, *csi.NodeGetStorageHealthRequest) (*csi.NodeGetStorageHealthResponse, error) {
 	resp := &csi.NodeGetStorageHealthResponse{}
-	for _, name := range d.poolOrder {
-		p := d.pools[name]
+	for _, p := range d.pools.all() {
+		name := p.Name()
 		c, err := p.Capacity()
 		switch {
 		case err != nil:
@@ -195,7 +195,7 @@ func (d *Controller) ControllerGetVolumeHealth(_ context.Context, req *csi.Contr
 	if req.GetVolumeId() == "" {
 		return nil, invalidf("volume ID is missing")
 	}
-	p, v, err := d.getVolume(req.GetVolumeId())
+	p, v, err := d.pools.volume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -209,7 +209,7 @@ func (d *Controller) ControllerGetVolumeHealth(_ context.Context, req *csi.Contr
 // ControllerListVolumeHealth reports the health of every volume, in ID
 // order, paged like ListVolumes.
 func (d *Controller) ControllerListVolumeHealth(_ context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
-	page, next, err := d.volumePage(req.GetStartingToken(), req.GetMaxEntries())
+	page, next, err := d.pools.volumePage(req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}

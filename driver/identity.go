@@ -35,9 +35,9 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 
 // Probe reports ready when every pool directory is reachable.
 func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
-	for _, name := range d.poolOrder {
-		if _, err := os.Stat(d.pools[name].Root()); err != nil {
-			klog.ErrorS(err, "Pool directory is not reachable", "pool", name)
+	for _, p := range d.pools.all() {
+		if _, err := os.Stat(p.Root()); err != nil {
+			klog.ErrorS(err, "Pool directory is not reachable", "pool", p.Name())
 			return &csi.ProbeResponse{Ready: wrapperspb.Bool(false)}, nil
 		}
 	}

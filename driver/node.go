@@ -170,12 +170,10 @@ func (d *Node) lockNodeVolume(id string) (*nodeVolume, func(), error) {
 // findNodeVolume finds a volume by its Spool ID, or an ephemeral inline
 // volume by the ID the kubelet gave it.
 func (d *Node) findNodeVolume(id string) (*pool.Pool, pool.Volume, error) {
-	p, v, err := d.getVolume(id)
+	p, v, err := d.pools.volume(id)
 	if err != nil && isEphemeralID(id) {
-		for _, name := range d.poolOrder {
-			if v, ok := d.pools[name].GetByName(ephemeralName(id)); ok {
-				return d.pools[name], v, nil
-			}
+		if p, v, ok := d.pools.volumeNamed(ephemeralName(id)); ok {
+			return p, v, nil
 		}
 	}
 	return p, v, err

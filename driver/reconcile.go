@@ -105,7 +105,7 @@ func (d *Node) ownedDevices() ([]ownedDevice, error) {
 		token string
 	}
 	images := map[pool.ImageID]owner{}
-	for _, p := range d.poolList() {
+	for _, p := range d.pools.all() {
 		for id, tok := range p.Images() {
 			images[id] = owner{p, tok}
 		}
@@ -122,7 +122,7 @@ func (d *Node) ownedDevices() ([]ownedDevice, error) {
 		if !dev.Deleted {
 			continue
 		}
-		for _, p := range d.poolList() {
+		for _, p := range d.pools.all() {
 			if dev.Owner == d.loopOwner || p.IsImage(dev.BackingFile) {
 				out = append(out, ownedDevice{Device: dev, pool: p})
 				break

@@ -66,7 +66,7 @@ func (d *core) topologyMatches(p *pool.Pool, t *csi.Topology) bool {
 // provisioner then tracks a shared pool's capacity once, not once per node.
 func (d *Node) nodeSegments() map[string]string {
 	seg := map[string]string{}
-	for _, p := range d.poolList() {
+	for _, p := range d.pools.all() {
 		if !p.Shared() {
 			seg[d.topologyKey] = d.opts.NodeID
 			continue
@@ -209,7 +209,7 @@ func (d *Node) watchFences(ctx context.Context, interval time.Duration) {
 		case <-t.C:
 		}
 		for _, id := range d.fences.ids() {
-			p, v, err := d.getVolume(id)
+			p, v, err := d.pools.volume(id)
 			why := ""
 			if err != nil {
 				why = fmt.Sprintf("volume %s cannot be read from its pool: %v", id, err)
@@ -237,7 +237,7 @@ func (d *Node) watchFences(ctx context.Context, interval time.Duration) {
 // that controllers attach its volumes to it: a node whose share is not
 // mounted cannot write the record.
 func (d *Node) registerSharedPools() error {
-	for _, p := range d.poolList() {
+	for _, p := range d.pools.all() {
 		if p.Shared() {
 			if err := p.RegisterNode(d.opts.NodeID); err != nil {
 				return err
@@ -245,11 +245,6 @@ func (d *Node) registerSharedPools() error {
 		}
 	}
 	return nil
-}
-
-// servesShared reports whether any pool is shared.
-func (d *core) servesShared() bool {
-	return slices.ContainsFunc(d.poolList(), (*pool.Pool).Shared)
 }
 
 // sharedPublishContext adds the shared pool's ID to a publish context.
@@ -281,7 +276,7 @@ func (d *Node) checkFence(nv *nodeVolume) {
 // the node plugin) with the attachment the node holds now; a volume the
 // node no longer holds is reported at once.
 func (d *Node) adoptSharedStagings() error {
-	if !d.servesShared() {
+	if !d.pools.anyShared() {
 		return nil
 	}
 	devs, err := d.ownedDevices()

@@ -405,7 +405,7 @@ func TestSharedControllerExpansion(t *testing.T) {
 		t.Fatalf("image after expansion: %v, %v", fi, err)
 	}
 	// A node sees the new size in the pool at once.
-	v, err := c.nodes["node-a"].pools["nfs"].Get(id[len("nfs::"):])
+	v, err := c.nodes["node-a"].pools.byName["nfs"].Get(id[len("nfs::"):])
 	if err != nil || v.CapacityBytes != 128<<20 {
 		t.Fatalf("node-a reads %d bytes, %v", v.CapacityBytes, err)
 	}

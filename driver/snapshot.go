@@ -42,14 +42,14 @@ func (d *Controller) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshot
 	if err := checkSnapshotParams(req.GetParameters()); err != nil {
 		return nil, err
 	}
-	p, vid, err := d.lookup(req.GetSourceVolumeId())
+	p, vid, err := d.pools.resolve(req.GetSourceVolumeId(), volid.KindVolume)
 	if err != nil {
 		return nil, err
 	}
 	if err := d.checkTopology(p, req.GetAccessibilityRequirements()); err != nil {
 		return nil, err
 	}
-	if s, ok := d.snapshotByName(req.GetName()); ok {
+	if s, ok := d.pools.snapshotNamed(req.GetName()); ok {
 		if s.SourceVolumeID != req.GetSourceVolumeId() {
 			return nil, alreadyExistsf("snapshot %q exists for volume %s", s.Name, s.SourceVolumeID)
 		}
@@ -75,17 +75,6 @@ func (d *Controller) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshot
 		return nil, alreadyExistsf("snapshot %q exists for volume %s", s.Name, s.SourceVolumeID)
 	}
 	return &csi.CreateSnapshotResponse{Snapshot: d.csiSnapshot(s)}, nil
-}
-
-// snapshotByName finds a snapshot by name in any pool: names are unique
-// across the driver.
-func (d *Controller) snapshotByName(name string) (pool.Snapshot, bool) {
-	for _, p := range d.pools {
-		if s, ok := p.GetSnapshotByName(name); ok {
-			return s, true
-		}
-	}
-	return pool.Snapshot{}, false
 }
 
 // freeze freezes, for a copy, the filesystems of the volumes staged by the
@@ -184,7 +173,7 @@ func (d *Controller) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotRe
 		klog.V(2).InfoS("Deleting a malformed snapshot ID: nothing to do", "snapshotID", id, "err", err)
 		return &csi.DeleteSnapshotResponse{}, nil
 	}
-	p, _, err := d.lookupKind(id, volid.KindSnapshot)
+	p, _, err := d.pools.resolve(id, volid.KindSnapshot)
 	if err != nil {
 		return nil, preconditionf("snapshot %s belongs to pool %s on node %s, which this controller does not serve", id, sid.Pool, sid.Node)
 	}
@@ -213,7 +202,7 @@ func (d *Controller) GetSnapshot(_ context.Context, req *csi.GetSnapshotRequest)
 	if req.GetSnapshotId() == "" {
 		return nil, invalidf("snapshot ID is missing")
 	}
-	p, sid, err := d.lookupKind(req.GetSnapshotId(), volid.KindSnapshot)
+	p, sid, err := d.pools.resolve(req.GetSnapshotId(), volid.KindSnapshot)
 	if err != nil {
 		return nil, err
 	}
@@ -236,18 +225,11 @@ func (d *Controller) ListSnapshots(_ context.Context, req *csi.ListSnapshotsRequ
 			return nil, abortedf("starting token %q is not valid: %v", start, err)
 		}
 	}
-	var all []pool.Snapshot
-	for _, name := range d.poolOrder {
-		for _, s := range d.pools[name].ListSnapshots() {
-			if s.ID < start ||
-				(req.GetSnapshotId() != "" && s.ID != req.GetSnapshotId()) ||
-				(req.GetSourceVolumeId() != "" && s.SourceVolumeID != req.GetSourceVolumeId()) {
-				continue
-			}
-			all = append(all, s)
-		}
-	}
-	slices.SortFunc(all, func(a, b pool.Snapshot) int { return strings.Compare(a.ID, b.ID) })
+	all := d.pools.snapshots(func(s pool.Snapshot) bool {
+		return s.ID >= start &&
+			(req.GetSnapshotId() == "" || s.ID == req.GetSnapshotId()) &&
+			(req.GetSourceVolumeId() == "" || s.SourceVolumeID == req.GetSourceVolumeId())
+	})
 	resp := &csi.ListSnapshotsResponse{}
 	for i, s := range all {
 		if i == pageSize(req.GetMaxEntries()) {
