@@ -304,16 +304,13 @@ func (d *Controller) DeleteVolume(_ context.Context, req *csi.DeleteVolumeReques
 		// OK would let the CO forget a volume that still exists.
 		return nil, preconditionf("volume %s belongs to pool %s on node %s, which this controller does not serve", id, vid.Pool, vid.Node)
 	}
-	unlock, err := d.lockVolume(id)
+	v, found, unlock, err := d.lockedVolume(p, id, vid.Token)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	v, err := p.Get(vid.Token)
-	if isNotFound(err) {
+	if !found {
 		return &csi.DeleteVolumeResponse{}, nil
-	} else if err != nil {
-		return nil, err
 	}
 	if len(v.Attachments) > 0 {
 		return nil, preconditionf("volume %s is attached to node %s: ControllerUnpublishVolume it first", id, v.Attachments[0].Node)
@@ -348,6 +345,25 @@ func (d *Controller) checkNotInUse(p *pool.Pool, v pool.Volume) error {
 		return preconditionf("volume %s is still staged on this node (%s): NodeUnstageVolume it first", v.ID, dev.Path)
 	}
 	return nil
+}
+
+// lockedVolume takes the lock of volume id and reads it from its pool p;
+// found is false when the volume does not exist (an idempotent call then
+// succeeds). The caller calls unlock when err is nil.
+func (d *Controller) lockedVolume(p *pool.Pool, id, token string) (v pool.Volume, found bool, unlock func(), err error) {
+	unlock, err = d.lockVolume(id)
+	if err != nil {
+		return pool.Volume{}, false, nil, err
+	}
+	v, err = p.Get(token)
+	if isNotFound(err) {
+		return pool.Volume{}, false, unlock, nil
+	}
+	if err != nil {
+		unlock()
+		return pool.Volume{}, false, nil, err
+	}
+	return v, true, unlock, nil
 }
 
 // ControllerPublishVolume attaches a volume to a node: it records the node in
@@ -461,16 +477,13 @@ func (d *Controller) ControllerUnpublishVolume(_ context.Context, req *csi.Contr
 	if err != nil {
 		return &csi.ControllerUnpublishVolumeResponse{}, nil
 	}
-	unlock, err := d.lockVolume(id)
+	v, found, unlock, err := d.lockedVolume(p, id, vid.Token)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	v, err := p.Get(vid.Token)
-	if isNotFound(err) {
+	if !found {
 		return &csi.ControllerUnpublishVolumeResponse{}, nil
-	} else if err != nil {
-		return nil, err
 	}
 	detach := func(a pool.Attachment) bool { return node == "" || a.Node == node }
 	if !slices.ContainsFunc(v.Attachments, detach) {
@@ -608,11 +621,7 @@ func (d *Controller) ControllerModifyVolume(_ context.Context, req *csi.Controll
 	if err := applyMutableParams(&prm, req.GetMutableParameters()); err != nil {
 		return nil, err
 	}
-	p, vid, err := d.pools.resolve(id, volid.KindVolume)
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := d.lockVolume(id)
+	p, vid, unlock, err := d.lockResolved(id)
 	if err != nil {
 		return nil, err
 	}

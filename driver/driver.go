@@ -445,6 +445,20 @@ func listen(path string) (net.Listener, error) {
 	return lis, nil
 }
 
+// lockResolved resolves a volume ID to its pool and takes the volume's
+// lock; the caller calls unlock when err is nil.
+func (d *core) lockResolved(id string) (*pool.Pool, volid.ID, func(), error) {
+	p, vid, err := d.pools.resolve(id, volid.KindVolume)
+	if err != nil {
+		return nil, vid, nil, err
+	}
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, vid, nil, err
+	}
+	return p, vid, unlock, nil
+}
+
 // lockVolume takes the volume's lock or returns an Aborted status.
 func (d *core) lockVolume(id string) (func(), error) {
 	if !d.volumeLocks.TryLock(id) {

@@ -12,7 +12,6 @@ import (
 	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/pool"
-	"github.com/spool-csi/spool/pkg/volid"
 )
 
 // ControllerExpandVolume grows a volume's image. The loop device and the
@@ -30,11 +29,7 @@ func (d *Controller) ControllerExpandVolume(_ context.Context, req *csi.Controll
 			return nil, err
 		}
 	}
-	p, vid, err := d.pools.resolve(id, volid.KindVolume)
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := d.lockVolume(id)
+	p, vid, unlock, err := d.lockResolved(id)
 	if err != nil {
 		return nil, err
 	}

@@ -218,10 +218,7 @@ func readOnlyMode(c *csi.VolumeCapability) bool {
 // volumes get their device node bound onto <staging>/device.
 func (d *Node) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, invalidf("volume ID is missing")
-	}
-	staging, err := checkPath("staging target path", req.GetStagingTargetPath())
+	staging, err := checkNodeCall(id, "staging target path", req.GetStagingTargetPath())
 	if err != nil {
 		return nil, err
 	}
@@ -503,10 +500,7 @@ func deviceUsers(mounts []fs.MountInfo, dev *loop.Device) []string {
 // volume is still published somewhere.
 func (d *Node) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, invalidf("volume ID is missing")
-	}
-	staging, err := checkPath("staging target path", req.GetStagingTargetPath())
+	staging, err := checkNodeCall(id, "staging target path", req.GetStagingTargetPath())
 	if err != nil {
 		return nil, err
 	}
@@ -564,10 +558,7 @@ func (d *Node) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRe
 // staging mount for filesystems, the loop device node for block volumes.
 func (d *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, invalidf("volume ID is missing")
-	}
-	target, err := checkPath("target path", req.GetTargetPath())
+	target, err := checkNodeCall(id, "target path", req.GetTargetPath())
 	if err != nil {
 		return nil, err
 	}
@@ -698,10 +689,7 @@ func (d *Node) isStaged(nv *nodeVolume, mounts []fs.MountInfo, staging string, b
 // NodeUnpublishVolume unmounts the target path and removes it.
 func (d *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, invalidf("volume ID is missing")
-	}
-	target, err := checkPath("target path", req.GetTargetPath())
+	target, err := checkNodeCall(id, "target path", req.GetTargetPath())
 	if err != nil {
 		return nil, err
 	}

@@ -280,3 +280,13 @@ func checkName(name string) error {
 	}
 	return nil
 }
+
+// checkNodeCall checks what every node call that names a volume and a CO
+// path carries: the volume ID and the path (field names it in errors). It
+// returns the cleaned path.
+func checkNodeCall(id, field, path string) (string, error) {
+	if id == "" {
+		return "", invalidf("volume ID is missing")
+	}
+	return checkPath(field, path)
+}
