@@ -153,11 +153,24 @@ func (d *Node) publishEphemeral(ctx context.Context, req *csi.NodePublishVolumeR
 		err = preconditionf("ephemeral volume %s holds a %s filesystem, not %s", id, found, fsType)
 	}
 	if err == nil {
-		// A blank device is formatted read-write, then remounted read-only.
-		if err = d.kernel.Mounter.FormatAndMount(nv.dev.Path, target, fsType, c.GetMount().GetMountFlags(), nil); err == nil && ro {
-			if err = d.kernel.Mounter.Unmount(target); err == nil {
-				err = d.kernel.Mounter.FormatAndMount(nv.dev.Path, target, fsType, append(slices.Clone(c.GetMount().GetMountFlags()), "ro"), nil)
+		// The pod's files are never devices or setuid programs on the node.
+		opts := append([]string{"nosuid", "nodev"}, c.GetMount().GetMountFlags()...)
+		m := d.kernel.Mounter
+		switch {
+		case found == "" && ro:
+			// A blank device is formatted read-write, then mounted read-only.
+			if err = m.FormatAndMount(nv.dev.Path, target, fsType, opts, nil); err == nil {
+				if err = m.Unmount(target); err == nil {
+					err = m.MountFormatted(nv.dev.Path, target, fsType, append(opts, "ro"))
+				}
 			}
+		case found == "":
+			err = m.FormatAndMount(nv.dev.Path, target, fsType, opts, nil)
+		case ro:
+			// A publish retried after a crash finds the filesystem made.
+			err = m.MountFormatted(nv.dev.Path, target, fsType, append(opts, "ro"))
+		default:
+			err = m.MountFormatted(nv.dev.Path, target, fsType, opts)
 		}
 	}
 	if err != nil {

@@ -123,16 +123,16 @@ func (d *Node) NodeExpandVolume(_ context.Context, req *csi.NodeExpandVolumeRequ
 		}
 		return nil, notFoundf("volume %s is not mounted at %s", id, path)
 	}
-	if err := d.growFilesystem(nv, mnt); err != nil {
+	if err := d.growFilesystem(nv, mnt, nv.vol.FSType); err != nil {
 		return nil, err
 	}
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: n}, nil
 }
 
 // growFilesystem grows the filesystem mounted at mnt to fill its device if
-// it is smaller.
-func (d *Node) growFilesystem(nv *nodeVolume, mnt string) error {
-	need, err := d.kernel.Mounter.NeedResize(nv.dev.Path, mnt)
+// it is smaller. fsType is the filesystem the caller found ("": probe).
+func (d *Node) growFilesystem(nv *nodeVolume, mnt, fsType string) error {
+	need, err := d.kernel.Mounter.NeedResize(nv.dev.Path, mnt, fsType)
 	if err != nil {
 		return status.Errorf(codes.Internal, "checking the filesystem size of %s: %v", nv.vol.ID, err)
 	}

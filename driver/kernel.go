@@ -35,7 +35,7 @@ type Mounter interface {
 	Unmount(target string) error
 	Mounts() ([]fs.MountInfo, error)
 	Stats(path string) (fs.Stats, error)
-	NeedResize(devicePath, mountPath string) (bool, error)
+	NeedResize(devicePath, mountPath, fsType string) (bool, error)
 	Resize(devicePath, mountPath string) error
 	GrowUnmounted(device, fsType string) (bool, error)
 	NewUUID(device, fsType string) error

@@ -213,6 +213,26 @@ func readOnlyMode(c *csi.VolumeCapability) bool {
 	return m == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY || m == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
 }
 
+// stage is one NodeStageVolume as it goes through its steps, admit →
+// attach → mount → record; each step passes on what it learned.
+type stage struct {
+	nv      *nodeVolume
+	staging string
+	c       *csi.VolumeCapability
+	pc      map[string]string
+	block   bool
+	fsType  string // the filesystem the volume is staged with
+	ro      bool   // the attachment or the access mode is read-only
+	mounts  []fs.MountInfo
+	// found is the filesystem the device holds, as probed before mounting
+	// ("" when it was blank and got formatted).
+	found string
+	// attached: this call attached the loop device (a failure detaches it).
+	attached bool
+	// newFSID: a copy's filesystem got its own UUID, for record to write.
+	newFSID bool
+}
+
 // NodeStageVolume attaches the image to a loop device and, for filesystem
 // volumes, formats a blank device and mounts it at the staging path. Block
 // volumes get their device node bound onto <staging>/device.
@@ -231,11 +251,41 @@ func (d *Node) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeReques
 		return nil, err
 	}
 	defer unlock()
-	if err := checkModeForPool(nv.pool, c); err != nil {
+	st := &stage{nv: nv, staging: staging, c: c, pc: req.GetPublishContext()}
+	done, err := d.admit(st)
+	if err != nil {
 		return nil, err
 	}
+	if !done {
+		if err := d.attachForStage(st); err != nil {
+			return nil, err
+		}
+		if err := d.mountForStage(st); err != nil {
+			if st.attached {
+				if derr := d.kernel.Loops.Detach(nv.dev.Path); derr != nil {
+					klog.ErrorS(derr, "Could not detach loop device after a failed stage", "volumeID", id, "device", nv.dev.Path)
+				}
+			}
+			return nil, err
+		}
+		faults.Point("stage-mounted")
+		klog.V(2).InfoS("Staged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging, "block", st.block)
+	}
+	d.record(st)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// admit decides whether the volume may be staged here, as asked: the
+// publish context against the pool's record (and, in a shared pool, marks
+// the attachment staged in the same locked step), the capability against
+// how the volume was made, and what the staging path holds. done reports a
+// volume already staged there as asked.
+func (d *Node) admit(st *stage) (done bool, err error) {
+	nv, pc, c, id := st.nv, st.pc, st.c, st.nv.vol.ID
+	if err := checkModeForPool(nv.pool, c); err != nil {
+		return false, err
+	}
 	var attachedRO bool
-	pc := req.GetPublishContext()
 	switch {
 	case pc[ctxAttachedBy] == "node" && nv.pool.Shared():
 		// Only a controller with the pool attaches a shared volume.
@@ -256,81 +306,83 @@ func (d *Node) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeReques
 		}
 	}
 	if err != nil {
-		return nil, err
+		return false, err
 	}
-	// The attachment this staging holds: the node watches that it keeps it.
-	fence := func() {
-		if g, ok := generationOf(pc); ok && nv.pool.Shared() {
-			d.fences.set(id, g)
-		}
-	}
-	ro := attachedRO || readOnlyMode(c)
-	mounts, err := d.kernel.Mounter.Mounts()
-	if err != nil {
-		return nil, err
-	}
-	block := c.GetBlock() != nil
-	fsType := fsTypeOrDefault(c.GetMount().GetFsType())
+	st.ro = attachedRO || readOnlyMode(c)
+	st.block = c.GetBlock() != nil
+	st.fsType = fsTypeOrDefault(c.GetMount().GetFsType())
 	if c.GetMount().GetFsType() == "" && nv.vol.FSType != "" {
-		fsType = nv.vol.FSType
+		st.fsType = nv.vol.FSType
 	}
-	if err := checkStageKind(nv.vol, block, fsType); err != nil {
-		return nil, err
+	if err := checkStageKind(nv.vol, st.block, st.fsType); err != nil {
+		return false, err
 	}
-	if done, err := d.alreadyStaged(nv, mounts, staging, block, fsType); done || err != nil {
-		if err != nil {
-			return nil, err
-		}
-		fence()
-		return &csi.NodeStageVolumeResponse{}, nil
+	if st.mounts, err = d.kernel.Mounter.Mounts(); err != nil {
+		return false, err
 	}
+	return d.alreadyStaged(nv, st.mounts, st.staging, st.block, st.fsType)
+}
 
+// attachForStage makes the staging path and gives the volume a loop device
+// with the flags the stage needs.
+func (d *Node) attachForStage(st *stage) error {
+	nv := st.nv
 	// A leftover block marker of an interrupted stage may remain; stageBlock
 	// checks that it is an empty file.
 	var allow []string
-	if block {
+	if st.block {
 		allow = []string{blockMarker}
 	}
-	if err := fs.MakeDir(staging, allow...); err != nil {
-		return nil, coPathError("staging path", err)
+	if err := fs.MakeDir(st.staging, allow...); err != nil {
+		return coPathError("staging path", err)
 	}
-	attached := false
-	if nv.dev != nil && nv.dev.ReadOnly != ro {
-		if users := deviceUsers(mounts, nv.dev); len(users) > 0 {
-			return nil, preconditionf("volume %s is in use at %v with readonly=%t", id, users, nv.dev.ReadOnly)
+	if nv.dev != nil && nv.dev.ReadOnly != st.ro {
+		if users := deviceUsers(st.mounts, nv.dev); len(users) > 0 {
+			return preconditionf("volume %s is in use at %v with readonly=%t", nv.vol.ID, users, nv.dev.ReadOnly)
 		}
 		// A leftover of an interrupted stage with other flags.
 		if err := d.kernel.Loops.Detach(nv.dev.Path); err != nil {
-			return nil, err
+			return err
 		}
 		nv.dev = nil
 	}
-	if nv.dev == nil {
-		dev, err := d.attach(nv, ro)
-		if err != nil {
-			return nil, err
-		}
-		nv.dev, attached = dev, true
-		klog.V(2).InfoS("Attached loop device", "volumeID", id, "device", dev.Path, "directIO", dev.DirectIO, "readonly", ro)
-		faults.Point("stage-attached")
+	if nv.dev != nil {
+		return nil
 	}
-	if block {
-		err = d.stageBlock(nv, staging)
-	} else {
-		err = d.stageMount(nv, c, staging, fsType, ro)
-	}
+	dev, err := d.attach(nv, st.ro)
 	if err != nil {
-		if attached {
-			if derr := d.kernel.Loops.Detach(nv.dev.Path); derr != nil {
-				klog.ErrorS(derr, "Could not detach loop device after a failed stage", "volumeID", id, "device", nv.dev.Path)
-			}
-		}
-		return nil, err
+		return err
 	}
-	faults.Point("stage-mounted")
-	fence()
-	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", nv.dev.Path, "stagingPath", staging, "block", block)
-	return &csi.NodeStageVolumeResponse{}, nil
+	nv.dev, st.attached = dev, true
+	klog.V(2).InfoS("Attached loop device", "volumeID", nv.vol.ID, "device", dev.Path, "directIO", dev.DirectIO, "readonly", st.ro)
+	faults.Point("stage-attached")
+	return nil
+}
+
+// mountForStage binds a block volume's device node at the staging marker,
+// or formats (when blank) and mounts a filesystem volume there.
+func (d *Node) mountForStage(st *stage) error {
+	if st.block {
+		return d.stageBlock(st.nv, st.staging)
+	}
+	return d.stageMount(st)
+}
+
+// record keeps what the stage established: the attachment the node now
+// watches (a shared pool's fence) and, in the pool, that a copy's
+// filesystem got its own UUID. It runs after the mount, so no pool write
+// sits between attaching and mounting.
+func (d *Node) record(st *stage) {
+	nv := st.nv
+	if g, ok := generationOf(st.pc); ok && nv.pool.Shared() {
+		d.fences.set(nv.vol.ID, g)
+	}
+	if st.newFSID {
+		if err := nv.pool.ClearNewFilesystemID(nv.vol.Token()); err != nil {
+			// The next stage gives it a new UUID again: harmless.
+			klog.ErrorS(err, "Could not record the new filesystem UUID", "volumeID", nv.vol.ID)
+		}
+	}
 }
 
 // checkStageKind refuses to stage a volume otherwise than it was made: the
@@ -400,7 +452,8 @@ func (d *Node) stageBlock(nv *nodeVolume, staging string) error {
 	return nil
 }
 
-func (d *Node) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fsType string, ro bool) error {
+func (d *Node) stageMount(st *stage) error {
+	nv, c, staging, fsType, ro := st.nv, st.c, st.staging, st.fsType, st.ro
 	found, err := d.kernel.Mounter.Probe(nv.dev.Path)
 	if err != nil {
 		return status.Errorf(codes.Internal, "%v", err)
@@ -421,8 +474,11 @@ func (d *Node) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fsTy
 		opts = append(opts, "ro")
 		opts = append(opts, fs.NoReplayOptions(found)...)
 	}
+	st.found = found
 	if found != "" && nv.vol.Source != nil {
-		opts = append(opts, d.copyIdentity(nv, found, ro)...)
+		var copyOpts []string
+		copyOpts, st.newFSID = d.copyIdentity(nv, found, ro)
+		opts = append(opts, copyOpts...)
 	}
 	// The image may have grown while the volume was not staged (or be a
 	// copy made larger than its origin): ext4 grows before its mount,
@@ -445,7 +501,7 @@ func (d *Node) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fsTy
 	if found == "" || found == "ext4" || ro {
 		return nil
 	}
-	if err := d.growFilesystem(nv, staging); err != nil {
+	if err := d.growFilesystem(nv, staging, found); err != nil {
 		if uerr := d.kernel.Mounter.Unmount(staging); uerr != nil {
 			klog.ErrorS(uerr, "Could not unmount after a failed stage", "volumeID", nv.vol.ID)
 		}
@@ -459,28 +515,25 @@ func (d *Node) stageMount(nv *nodeVolume, c *csi.VolumeCapability, staging, fsTy
 // and returns the mount options that needs. ext4 and btrfs get a new UUID
 // before their first mount (btrfs refuses two filesystems with one fsid);
 // xfs is always mounted with nouuid, and gets a new UUID too when its log is
-// clean enough for xfs_admin.
-func (d *Node) copyIdentity(nv *nodeVolume, fsType string, ro bool) []string {
-	var opts []string
+// clean enough for xfs_admin. newFSID reports a new UUID, which record
+// writes to the pool once the volume is mounted.
+func (d *Node) copyIdentity(nv *nodeVolume, fsType string, ro bool) (opts []string, newFSID bool) {
 	if fsType == "xfs" {
 		opts = append(opts, "nouuid")
 	}
 	if !nv.vol.NewFilesystemID || ro {
-		return opts
+		return opts, false
 	}
 	if err := d.kernel.Mounter.NewUUID(nv.dev.Path, fsType); errors.Is(err, fs.ErrXFSDirtyLog) {
 		// Copies of a mounted xfs carry its log; nouuid covers them.
 		klog.V(2).InfoS("Copied xfs filesystem keeps its origin's UUID and mounts with nouuid", "volumeID", nv.vol.ID)
-		return opts
+		return opts, false
 	} else if err != nil {
 		klog.ErrorS(err, "Could not give a copied filesystem a new UUID", "volumeID", nv.vol.ID, "fsType", fsType)
-		return opts
-	}
-	if err := nv.pool.ClearNewFilesystemID(nv.vol.Token()); err != nil {
-		klog.ErrorS(err, "Could not record the new filesystem UUID", "volumeID", nv.vol.ID)
+		return opts, false
 	}
 	klog.V(2).InfoS("Gave copied filesystem a new UUID", "volumeID", nv.vol.ID, "fsType", fsType)
-	return opts
+	return opts, true
 }
 
 // deviceUsers lists the mount points that use the loop device: filesystem

@@ -98,8 +98,14 @@ func New() *Mounter {
 	return &Mounter{safe: mountutils.NewSafeFormatAndMount(mountutils.NewWithoutSystemd(""), utilexec.New())}
 }
 
-// Probe returns the filesystem found on device, "" when it is blank.
+// Probe returns the filesystem found on device, "" when it is blank. The
+// superblocks of the filesystems Spool makes are read directly; only a
+// device where none (or more than one) is found is left to blkid, which
+// tells a blank device from one holding something else.
 func (m *Mounter) Probe(device string) (string, error) {
+	if f, err := probeMagic(device); err != nil || f != "" {
+		return f, err
+	}
 	f, err := m.safe.GetDiskFormat(device)
 	if err != nil {
 		return "", fmt.Errorf("probing %s: %w", device, err)
@@ -107,14 +113,17 @@ func (m *Mounter) Probe(device string) (string, error) {
 	return f, nil
 }
 
-// FormatAndMount formats device with fsType when it is blank and mounts it
-// at target. The caller has checked that the device is blank or holds fsType.
+// FormatAndMount formats device, which the caller found blank (Probe),
+// with fsType and mounts it at target.
 func (m *Mounter) FormatAndMount(device, target, fsType string, options, formatOptions []string) error {
 	klog.V(4).InfoS("Format and mount", "device", device, "target", target, "fsType", fsType, "options", options)
-	if err := m.safe.FormatAndMountSensitiveWithFormatOptions(device, target, fsType, options, nil, formatOptions); err != nil {
-		return fmt.Errorf("format and mount %s on %s: %w", device, target, err)
+	if slices.Contains(options, "ro") {
+		return fmt.Errorf("format and mount %s on %s: a blank device is not formatted for a read-only mount", device, target)
 	}
-	return nil
+	if err := format(device, fsType, formatOptions); err != nil {
+		return err
+	}
+	return sysMount(device, target, fsType, options)
 }
 
 // MountFormatted mounts device, which holds a filesystem of type fsType, at
@@ -136,31 +145,18 @@ func (m *Mounter) MountFormatted(device, target, fsType string, options []string
 		}
 	}
 	klog.V(4).InfoS("Mount", "device", device, "target", target, "fsType", fsType, "options", options)
-	if err := m.safe.Mount(device, target, fsType, options); err != nil {
-		return fmt.Errorf("mount %s on %s: %w", device, target, err)
-	}
-	return nil
+	return sysMount(device, target, fsType, options)
 }
 
 // BindMount bind-mounts source onto target (a directory or a file), read-only
 // when ro.
 func (m *Mounter) BindMount(source, target string, ro bool) error {
-	opts := []string{"bind"}
-	if ro {
-		opts = append(opts, "ro")
-	}
-	if err := m.safe.Mount(source, target, "", opts); err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
-	}
-	return nil
+	return sysBind(source, target, ro)
 }
 
 // Unmount unmounts target.
 func (m *Mounter) Unmount(target string) error {
-	if err := m.safe.Unmount(target); err != nil {
-		return fmt.Errorf("unmount %s: %w", target, err)
-	}
-	return nil
+	return sysUnmount(target)
 }
 
 // Mounts returns the current mount table.

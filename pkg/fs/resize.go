@@ -5,7 +5,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 	mountutils "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
@@ -34,24 +36,30 @@ func runTool(name string, args ...string) (string, error) {
 // always says yes for ext3/ext4/xfs (it leaves the check to resize2fs and
 // xfs_growfs); for those the filesystem size is compared here with the size
 // the resize tool would grow it to.
-func (m *Mounter) NeedResize(devicePath, mountPath string) (bool, error) {
-	need, err := mountutils.NewResizeFs(execer).NeedResize(devicePath, mountPath)
-	if err != nil {
-		return false, fmt.Errorf("checking whether %s needs a resize: %w", devicePath, err)
+//
+// fsType is what the caller knows the device holds ("": probe it). ext4
+// and xfs are answered from the superblock and the geometry ioctl, without
+// starting a program.
+func (m *Mounter) NeedResize(devicePath, mountPath, fsType string) (bool, error) {
+	if ro, err := deviceReadOnly(devicePath); err != nil || ro {
+		return false, err // a read-only device cannot be grown into
 	}
-	if !need {
-		klog.V(4).InfoS("Filesystem needs no resize", "device", devicePath, "mountPath", mountPath)
-		return false, nil
+	format := fsType
+	if format == "" {
+		var err error
+		if format, err = m.Probe(devicePath); err != nil {
+			return false, err
+		}
 	}
-	format, err := m.Probe(devicePath)
-	if err != nil {
-		return false, err
-	}
+	var need bool
+	var err error
 	switch format {
 	case "ext3", "ext4":
 		need, err = extNeedResize(devicePath)
 	case "xfs":
 		need, err = xfsNeedResize(devicePath, mountPath)
+	default:
+		need, err = mountutils.NewResizeFs(execer).NeedResize(devicePath, mountPath)
 	}
 	if err != nil {
 		return false, fmt.Errorf("checking whether %s needs a resize: %w", devicePath, err)
@@ -190,21 +198,69 @@ func extNeedResize(devicePath string) (bool, error) {
 // allocation group smaller than this.
 const xfsMinAGBlocks = 64
 
+// deviceReadOnly reports whether a block device is read-only (BLKROGET).
+func deviceReadOnly(device string) (bool, error) {
+	fd, err := unix.Open(device, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, fmt.Errorf("opening %s: %w", device, err)
+	}
+	defer func() { _ = unix.Close(fd) }()
+	ro, err := unix.IoctlGetInt(fd, unix.BLKROGET)
+	if err != nil {
+		return false, fmt.Errorf("BLKROGET %s: %w", device, err)
+	}
+	return ro != 0, nil
+}
+
+// xfsGeometryV1 is struct xfs_fsop_geom_v1 (linux/fs/xfs/libxfs/xfs_fs.h),
+// which XFS_IOC_FSGEOMETRY_V1 fills; only the leading fields are used.
+type xfsGeometryV1 struct {
+	BlockSize, RtExtSize, AgBlocks, AgCount, LogBlocks, SectSize, InodeSize, ImaxPct uint32
+	DataBlocks, RtBlocks, RtExtents, LogStart                                        uint64
+	UUID                                                                             [16]byte
+	Sunit, Swidth                                                                    uint32
+	Version                                                                          int32
+	Flags, LogSectSize, RtSectSize, DirBlockSize                                     uint32
+	_                                                                                uint32 // padding to 112 bytes
+}
+
+// xfsIocFSGeometryV1 is _IOR('X', 100, struct xfs_fsop_geom_v1).
+const xfsIocFSGeometryV1 = 0x80705864
+
+// xfsGeometry reads the block size, blocks per allocation group and data
+// blocks of the xfs mounted at mountPath with the geometry ioctl, or, where
+// that fails, from xfs_io.
+func xfsGeometry(mountPath string) (bsize, agBlocks, dataBlocks uint64, err error) {
+	if fd, oerr := unix.Open(mountPath, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); oerr == nil {
+		var g xfsGeometryV1
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), xfsIocFSGeometryV1, uintptr(unsafe.Pointer(&g)))
+		_ = unix.Close(fd)
+		if errno == 0 && g.BlockSize != 0 && g.AgBlocks != 0 {
+			return uint64(g.BlockSize), uint64(g.AgBlocks), g.DataBlocks, nil
+		}
+		klog.V(4).InfoS("XFS geometry ioctl failed, asking xfs_io", "mountPath", mountPath, "errno", errno)
+	}
+	out, err := runTool("xfs_io", "-r", "-c", "statfs", mountPath)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	v, err := toolFields(parseToolFields(out, "="), "xfs_io statfs", "geom.bsize", "geom.agblocks", "geom.datablocks")
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	return v[0], v[1], v[2], nil
+}
+
 // xfsNeedResize compares the XFS data section (from the geometry ioctl, via
 // xfs_io on the mount point) with what xfs_growfs would grow it to.
 func xfsNeedResize(devicePath, mountPath string) (bool, error) {
 	if mountPath == "" {
 		return false, fmt.Errorf("xfs: the mount path of %s is needed", devicePath)
 	}
-	out, err := runTool("xfs_io", "-r", "-c", "statfs", mountPath)
+	bsize, agBlocks, dataBlocks, err := xfsGeometry(mountPath)
 	if err != nil {
 		return false, err
 	}
-	v, err := toolFields(parseToolFields(out, "="), "xfs_io statfs", "geom.bsize", "geom.agblocks", "geom.datablocks")
-	if err != nil {
-		return false, err
-	}
-	bsize, agBlocks, dataBlocks := v[0], v[1], v[2]
 	if bsize == 0 || agBlocks == 0 {
 		return false, fmt.Errorf("xfs_io reports block size %d and %d blocks per AG", bsize, agBlocks)
 	}

@@ -22,7 +22,7 @@ const mib = 1 << 20
 // Image sizes for each filesystem (at or above the mkfs minimum).
 var testImageSize = map[string]int64{"ext4": 64 * mib, "btrfs": 128 * mib, "xfs": 300 * mib}
 
-var mkfsArgs = map[string][]string{
+var testMkfsArgs = map[string][]string{
 	"ext4":  {"mkfs.ext4", "-F", "-q"},
 	"xfs":   {"mkfs.xfs", "-q", "-f"},
 	"btrfs": {"mkfs.btrfs", "-q", "-f"},
@@ -93,7 +93,7 @@ func attachImage(t *testing.T, img, fsType string) string {
 
 func mkfs(t *testing.T, fsType, dev string) {
 	t.Helper()
-	args := append(append([]string{}, mkfsArgs[fsType]...), dev)
+	args := append(append([]string{}, testMkfsArgs[fsType]...), dev)
 	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 		t.Fatalf("%v: %v: %s", args, err, out)
 	}
@@ -204,7 +204,7 @@ func TestResizeOnline(t *testing.T) {
 			target, unmount := mountDev(t, dev, fsType, dir)
 			data := writeData(t, filepath.Join(target, "data"), 3*mib)
 
-			if need, err := m.NeedResize(dev, target); err != nil || need {
+			if need, err := m.NeedResize(dev, target, ""); err != nil || need {
 				t.Fatalf("NeedResize before growing = %t, %v; want false", need, err)
 			}
 			before, err := m.Stats(target)
@@ -222,7 +222,7 @@ func TestResizeOnline(t *testing.T) {
 			if newSize != size+100*mib {
 				t.Fatalf("device size %d after SetCapacity, want %d", newSize, size+100*mib)
 			}
-			if need, err := m.NeedResize(dev, target); err != nil || !need {
+			if need, err := m.NeedResize(dev, target, ""); err != nil || !need {
 				t.Fatalf("NeedResize after growing the device = %t, %v; want true", need, err)
 			}
 			start := time.Now()
@@ -247,7 +247,7 @@ func TestResizeOnline(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Logf("%s: Resize took %v", fsType, time.Since(start))
-			if need, err := m.NeedResize(dev, target); err != nil || need {
+			if need, err := m.NeedResize(dev, target, ""); err != nil || need {
 				t.Fatalf("NeedResize after Resize = %t, %v; want false", need, err)
 			}
 			after, err := m.Stats(target)
@@ -279,7 +279,7 @@ func TestResizeOnline(t *testing.T) {
 		if _, err := loop.SetCapacity(dev); err != nil {
 			t.Fatal(err)
 		}
-		if need, err := m.NeedResize(dev, target); err != nil || !need {
+		if need, err := m.NeedResize(dev, target, ""); err != nil || !need {
 			t.Fatalf("NeedResize = %t, %v; want true", need, err)
 		}
 		err := m.Resize(dev, target)
