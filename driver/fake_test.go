@@ -116,9 +116,9 @@ func (k *fakeKernel) Size(string) (int64, error)        { return 64 << 20, nil }
 func (k *fakeKernel) SetCapacity(string) (int64, error) { return 64 << 20, nil }
 
 func (k *fakeKernel) NeedResize(string, string, string) (bool, error) { return false, nil }
-func (k *fakeKernel) Resize(string, string) error                { return nil }
-func (k *fakeKernel) GrowUnmounted(string, string) (bool, error) { return false, nil }
-func (k *fakeKernel) NewUUID(string, string) error               { return nil }
+func (k *fakeKernel) Resize(string, string) error                     { return nil }
+func (k *fakeKernel) GrowUnmounted(string, string) (bool, error)      { return false, nil }
+func (k *fakeKernel) NewUUID(string, string) error                    { return nil }
 
 func (k *fakeKernel) Thaw(string) (bool, error) { return false, nil }
 

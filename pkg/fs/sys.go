@@ -36,7 +36,7 @@ var flagOptions = map[string]uintptr{
 	"lazytime": unix.MS_LAZYTIME, "nolazytime": 0,
 	"iversion": unix.MS_I_VERSION, "noiversion": 0,
 	"nosymfollow": unix.MS_NOSYMFOLLOW,
-	"defaults": 0,
+	"defaults":    0,
 }
 
 // splitOptions turns mount options (already allowlisted) into mount(2)'s
