@@ -56,6 +56,14 @@ func TestEphemeralVolume(t *testing.T) {
 	if got := statfsTotal(t, target); got < 36<<20 || got > 48<<20 {
 		t.Fatalf("ephemeral filesystem is %d bytes, want about 48 MiB", got)
 	}
+	// The pod's files are never devices or setuid programs on the node.
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Flags&unix.ST_NOSUID == 0 || st.Flags&unix.ST_NODEV == 0 {
+		t.Errorf("ephemeral volume mounted without nosuid,nodev (statfs flags %#x)", st.Flags)
+	}
 	if _, err := e.c.NodeGetVolumeStats(c, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}); err != nil {
 		t.Fatal(err)
 	}

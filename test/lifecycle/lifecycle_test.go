@@ -371,6 +371,14 @@ func TestReadOnly(t *testing.T) {
 	if err := csiclient.WriteFile(filepath.Join(roTarget, "x"), data); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("writing through a read-only publish: %v, want EROFS", err)
 	}
+	// The read-only remount of the bind keeps the staging mount's flags.
+	var st unix.Statfs_t
+	if err := unix.Statfs(roTarget, &st); err != nil {
+		t.Fatal(err)
+	}
+	if want := int64(unix.ST_RDONLY | unix.ST_NOSUID | unix.ST_NODEV); st.Flags&want != want {
+		t.Errorf("read-only publish has statfs flags %#x, want ro,nosuid,nodev", st.Flags)
+	}
 	if _, err := e.c.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: v.ID, TargetPath: roTarget}); err != nil {
 		t.Fatal(err)
 	}
