@@ -400,7 +400,7 @@ func TestSharedControllerExpansion(t *testing.T) {
 	if resp.GetCapacityBytes() != 128<<20 {
 		t.Fatalf("expanded to %d", resp.GetCapacityBytes())
 	}
-	fi, err := os.Stat(filepath.Join(c.dir, "volumes", id[len("nfs::"):], "disk.img"))
+	fi, err := os.Stat(filepath.Join(pool.VolumeDir(c.dir, id), pool.ImageName))
 	if err != nil || fi.Size() != 128<<20 {
 		t.Fatalf("image after expansion: %v, %v", fi, err)
 	}
@@ -450,7 +450,7 @@ func TestControllerModeLeavesKernelAlone(t *testing.T) {
 	if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatalf("DeleteVolume: %v", err)
 	}
-	entries, err := os.ReadDir(filepath.Join(c.dir, "volumes"))
+	entries, err := os.ReadDir(pool.VolumesDir(c.dir))
 	if err != nil || len(entries) != 0 {
 		t.Errorf("volumes left in the pool: %v %v", entries, err)
 	}
@@ -471,7 +471,7 @@ func TestSharedLockHeldElsewhere(t *testing.T) {
 	held := c.create(t, "held", vc)
 	free := c.create(t, "free", vc)
 	// Another process (another open file description) holds held's lock.
-	f, err := os.OpenFile(filepath.Join(c.dir, "volumes", held[len(held)-24:], ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(filepath.Join(pool.VolumeDir(c.dir, held), ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -62,7 +62,7 @@ func createArgs(dir string, extra ...string) []string {
 // volumeDirs lists the volume directories of a pool.
 func volumeDirs(t *testing.T, dir string) []string {
 	t.Helper()
-	entries, err := os.ReadDir(filepath.Join(dir, "volumes"))
+	entries, err := os.ReadDir(pool.VolumesDir(dir))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +80,7 @@ func readMeta(t *testing.T, dir, handle string) pool.Volume {
 	if err != nil {
 		t.Fatalf("handle %q: %v", handle, err)
 	}
-	data, err := os.ReadFile(filepath.Join(dir, "volumes", id.Token, "volume.json"))
+	data, err := os.ReadFile(filepath.Join(pool.VolumeDir(dir, id.Token), pool.MetadataName))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +105,7 @@ func TestCreatePrintsManifest(t *testing.T) {
 	if dirs := volumeDirs(t, dir); len(dirs) != 1 || dirs[0] != id.Token {
 		t.Fatalf("volume directories %v, want [%s]", dirs, id.Token)
 	}
-	fi, err := os.Stat(filepath.Join(dir, "volumes", id.Token, "disk.img"))
+	fi, err := os.Stat(filepath.Join(pool.VolumeDir(dir, id.Token), pool.ImageName))
 	if err != nil || fi.Size() != size.GiB {
 		t.Fatalf("image: %v, %v; want %d bytes", fi, err, size.GiB)
 	}
@@ -347,7 +347,7 @@ func TestHostileInputCreatesNothing(t *testing.T) {
 	}
 	// Absolute directories that are no pool (or lead out of one) are refused
 	// and nothing is created in or under them.
-	for _, d := range []string{notPool, filepath.Join(base, "missing"), filepath.Join(dir, "volumes"), dir + "/../not-a-pool", filepath.Join(dir, ".."), "/etc", "/proc/self"} {
+	for _, d := range []string{notPool, filepath.Join(base, "missing"), pool.VolumesDir(dir), dir + "/../not-a-pool", filepath.Join(dir, ".."), "/etc", "/proc/self"} {
 		try(1, "--pool", "default="+d)
 	}
 	// A pool directory under another pool name is refused: volume IDs name

@@ -143,7 +143,7 @@ func readHead(t *testing.T, poolDir, handle string) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, err := os.Open(filepath.Join(poolDir, "volumes", id.Token, "disk.img"))
+	f, err := os.Open(filepath.Join(pool.VolumeDir(poolDir, id.Token), pool.ImageName))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +265,7 @@ func TestEndpointUsesTheRunningDriver(t *testing.T) {
 	if _, err := volid.ParseKind(handle, volid.KindVolume); err != nil {
 		t.Fatalf("create printed %q: %v", r.stdout, err)
 	}
-	if n, err := os.Stat(filepath.Join(poolDir, "volumes", strings.Split(handle, ":")[2], "disk.img")); err != nil || n.Size() != 8<<20 {
+	if n, err := os.Stat(filepath.Join(pool.VolumeDir(poolDir, handle), pool.ImageName)); err != nil || n.Size() != 8<<20 {
 		t.Fatalf("image of %s: %v, %v", handle, n, err)
 	}
 	// The same name again is the same volume.

@@ -101,7 +101,7 @@ func baselineCreate(base, name string) error {
 	if err := os.Mkdir(tmp, 0o750); err != nil {
 		return fmt.Errorf("baseline: %w", err)
 	}
-	img, err := os.OpenFile(filepath.Join(tmp, "disk.img"), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	img, err := os.OpenFile(filepath.Join(tmp, pool.ImageName), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fmt.Errorf("baseline: %w", err)
 	}
@@ -117,7 +117,7 @@ func baselineCreate(base, name string) error {
 	if err != nil {
 		return fmt.Errorf("baseline metadata: %w", err)
 	}
-	mf, err := os.OpenFile(filepath.Join(tmp, "volume.json"), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	mf, err := os.OpenFile(filepath.Join(tmp, pool.MetadataName), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fmt.Errorf("baseline: %w", err)
 	}
@@ -125,7 +125,7 @@ func baselineCreate(base, name string) error {
 	if err := errors.Join(werr, mf.Sync(), mf.Close()); err != nil {
 		return fmt.Errorf("baseline metadata: %w", err)
 	}
-	volumes := filepath.Join(base, "volumes")
+	volumes := pool.VolumesDir(base)
 	if err := os.Rename(tmp, filepath.Join(volumes, name)); err != nil {
 		return fmt.Errorf("baseline: %w", err)
 	}
@@ -238,7 +238,7 @@ func threadCPU(fn func() error) (time.Duration, error) {
 
 // emptyBaseline removes the baseline's volumes.
 func emptyBaseline(base string) error {
-	volumes := filepath.Join(base, "volumes")
+	volumes := pool.VolumesDir(base)
 	if err := os.RemoveAll(volumes); err != nil {
 		return fmt.Errorf("baseline: %w", err)
 	}

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 )
 
@@ -186,7 +187,7 @@ func snapshotAndRestore(ctx context.Context, c *csiclient.Client, poolDir, volID
 		}
 	}()
 	snapMethod = copyMethod(filepath.Join(poolDir, "snapshots", token(snapID), "snapshot.json"), false)
-	restoreMethod = copyMethod(filepath.Join(poolDir, "volumes", token(restoreID), "volume.json"), true)
+	restoreMethod = copyMethod(filepath.Join(pool.VolumeDir(poolDir, restoreID), pool.MetadataName), true)
 	return snapMs, restoreMs, snapMethod, restoreMethod, nil
 }
 

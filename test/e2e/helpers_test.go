@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/e2e/cluster"
 )
 
@@ -309,7 +310,7 @@ func imagePath(t *testing.T, handle string) string {
 	if len(parts) != 3 {
 		t.Fatalf("volume handle %q is not pool:node:token", handle)
 	}
-	return filepath.Join(env.poolDir, "volumes", parts[2], "disk.img")
+	return filepath.Join(pool.VolumeDir(env.poolDir, parts[2]), pool.ImageName)
 }
 
 // poolVolumes lists the volume and snapshot directories in the pools.

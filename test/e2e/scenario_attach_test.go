@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spool-csi/spool/pkg/pool"
 )
 
 // Scenario 4: attach through the external-attacher. The VolumeAttachment goes
@@ -57,7 +59,7 @@ func attachmentOf(t *testing.T, pv string) string {
 // own record in the pool (volume.json).
 func attachRecord(t *testing.T, handle string) []string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(filepath.Dir(imagePath(t, handle)), "volume.json"))
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(imagePath(t, handle)), pool.MetadataName))
 	if err != nil {
 		t.Fatalf("read the volume's record: %v", err)
 	}

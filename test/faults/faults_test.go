@@ -32,6 +32,7 @@ import (
 
 	spoolfs "github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 	"github.com/spool-csi/spool/test/leakcheck"
 )
@@ -333,11 +334,11 @@ func allocated(t *testing.T, dir string) int64 {
 }
 
 func (h *harness) image(id string) string {
-	return filepath.Join(h.pool, "volumes", id[len(id)-24:], "disk.img")
+	return filepath.Join(pool.VolumeDir(h.pool, id), pool.ImageName)
 }
 
 func (h *harness) snapImage(id string) string {
-	return filepath.Join(h.pool, "snapshots", id[len(id)-24:], "disk.img")
+	return filepath.Join(pool.SnapshotDir(h.pool, id), pool.ImageName)
 }
 
 func digest(t *testing.T, path string, n int64) string {

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 	"github.com/spool-csi/spool/test/leakcheck"
 )
@@ -135,7 +136,7 @@ func assertDistinctUUIDs(t *testing.T, e *env, vols ...*csiclient.Volume) {
 	t.Helper()
 	seen := map[string]string{}
 	for _, v := range vols {
-		dev, err := loop.Find(filepath.Join(e.dir, "pool", "volumes", v.ID[len(v.ID)-24:], "disk.img"))
+		dev, err := loop.Find(filepath.Join(pool.VolumeDir(filepath.Join(e.dir, "pool"), v.ID), pool.ImageName))
 		if err != nil {
 			t.Fatal(err)
 		}

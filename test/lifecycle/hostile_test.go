@@ -94,7 +94,7 @@ func TestHostileInput(t *testing.T) {
 	v := e.publishNew(c, "real", 16<<20, csiclient.MountCap("ext4"), nil)
 	sentinel := plantSentinel(t, e.dir)
 	before := treeDigest(t, sentinel)
-	poolBefore := treeDigest(t, filepath.Join(e.dir, "pool", "volumes"))
+	poolBefore := treeDigest(t, pool.VolumesDir(filepath.Join(e.dir, "pool")))
 	ids := hostileIDs(v.ID, sentinel)
 	mc := csiclient.MountCap("ext4")
 	ok := func(err error, allowOK bool) bool {
@@ -194,7 +194,7 @@ func TestHostileInput(t *testing.T) {
 	if after := treeDigest(t, sentinel); after != before {
 		t.Fatal("the sentinel tree outside the pool changed")
 	}
-	if after := treeDigest(t, filepath.Join(e.dir, "pool", "volumes")); after != poolBefore {
+	if after := treeDigest(t, pool.VolumesDir(filepath.Join(e.dir, "pool"))); after != poolBefore {
 		t.Fatal("the pool's volumes changed")
 	}
 	for _, p := range []string{"hs", "ht", "he"} {
@@ -238,7 +238,7 @@ func TestHostileCLIInput(t *testing.T) {
 	}
 	p.Close()
 	digests := func() []string {
-		return []string{treeDigest(t, sentinel), treeDigest(t, filepath.Join(e.dir, "pool", "volumes")), treeDigest(t, filepath.Join(spare, "volumes"))}
+		return []string{treeDigest(t, sentinel), treeDigest(t, pool.VolumesDir(filepath.Join(e.dir, "pool"))), treeDigest(t, pool.VolumesDir(spare))}
 	}
 	before := digests()
 	entries := func() []string {
@@ -279,7 +279,7 @@ func TestHostileCLIInput(t *testing.T) {
 	// Pool directories that lead to the sentinel, outside the pools, or to
 	// the pool a driver serves.
 	for _, d := range []string{
-		sentinel, filepath.Join(sentinel, "volumes"), filepath.Join(e.dir, "pool", "..", "sentinel"), filepath.Join(spare, "volumes"),
+		sentinel, pool.VolumesDir(sentinel), filepath.Join(e.dir, "pool", "..", "sentinel"), pool.VolumesDir(spare),
 		filepath.Join(e.dir, "missing"), "../sentinel", "sentinel", filepath.Join(e.dir, "pool"), "/etc", "/",
 	} {
 		for _, name := range []string{"default", "spare", "../sentinel"} {

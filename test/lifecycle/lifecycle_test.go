@@ -315,7 +315,7 @@ func TestRestartDetachesOrphanLoopDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.cleanupVolume(orphan)
-	img := filepath.Join(e.dir, "pool", "volumes", orphan.ID[len(orphan.ID)-24:], "disk.img")
+	img := filepath.Join(pool.VolumeDir(filepath.Join(e.dir, "pool"), orphan.ID), pool.ImageName)
 	dev, err := loop.Attach(img, loop.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -331,7 +331,7 @@ func TestRestartDetachesOrphanLoopDevices(t *testing.T) {
 		!strings.Contains(m, "spool_attached_loop_devices 1\n") {
 		t.Fatalf("metrics after the restart do not show one repair and one attached device:\n%s", m)
 	}
-	stagedImg := filepath.Join(e.dir, "pool", "volumes", staged.ID[len(staged.ID)-24:], "disk.img")
+	stagedImg := filepath.Join(pool.VolumeDir(filepath.Join(e.dir, "pool"), staged.ID), pool.ImageName)
 	if _, err := loop.Find(stagedImg); err != nil {
 		t.Fatalf("the loop device of a staged volume was detached: %v", err)
 	}
@@ -397,7 +397,7 @@ func TestReadOnly(t *testing.T) {
 	if err := e.c.StageAndPublish(c, v); err != nil {
 		t.Fatal(err)
 	}
-	dev, err := loop.Find(filepath.Join(e.dir, "pool", "volumes", v.ID[len(v.ID)-24:], "disk.img"))
+	dev, err := loop.Find(filepath.Join(pool.VolumeDir(filepath.Join(e.dir, "pool"), v.ID), pool.ImageName))
 	if err != nil || !dev.ReadOnly {
 		t.Fatalf("loop device of a read-only attachment: %+v, %v", dev, err)
 	}

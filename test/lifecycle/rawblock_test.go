@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 )
 
@@ -47,7 +48,7 @@ func TestRawBlockDeviceReconfigured(t *testing.T) {
 	if err := e.c.StageAndPublish(c, v); err != nil {
 		t.Fatal(err)
 	}
-	img := filepath.Join(e.dir, "pool", "volumes", v.ID[len(v.ID)-24:], "disk.img")
+	img := filepath.Join(pool.VolumeDir(filepath.Join(e.dir, "pool"), v.ID), pool.ImageName)
 	// The pod keeps the device open while it uses it: with autoclear set,
 	// its last close would detach the device.
 	pod, err := os.OpenFile(v.Target, os.O_RDWR, 0)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/spool-csi/spool/pkg/cli"
 	"github.com/spool-csi/spool/pkg/loop"
+	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/test/csiclient"
 )
 
@@ -41,7 +42,7 @@ func newTamperEnv(t *testing.T) *tamperEnv {
 	e.cleanupVolume(v)
 	s := plantSentinel(t, e.dir)
 	return &tamperEnv{env: e, sentinel: s, digest: treeDigest(t, s), vol: v,
-		volDir: filepath.Join(e.dir, "pool", "volumes", v.ID[len(v.ID)-24:])}
+		volDir: pool.VolumeDir(filepath.Join(e.dir, "pool"), v.ID)}
 }
 
 // check verifies the sentinel and the loop devices.
@@ -95,7 +96,7 @@ func TestTamperedImage(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			te := newTamperEnv(t)
 			c := ctx(t)
-			te.replace("disk.img", plant(te))
+			te.replace(pool.ImageName, plant(te))
 			_, err := te.c.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: te.vol.ID, StagingTargetPath: te.vol.Staging, VolumeCapability: te.vol.Cap, PublishContext: te.vol.PublishContext})
 			wantCode(t, "NodeStageVolume", err, codes.FailedPrecondition)
 			s, err := te.c.CreateSnapshot(c, &csi.CreateSnapshotRequest{Name: "stolen", SourceVolumeId: te.vol.ID})
@@ -194,7 +195,7 @@ func TestTamperedMetadata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	meta := filepath.Join(te.volDir, "volume.json")
+	meta := filepath.Join(te.volDir, pool.MetadataName)
 	b, err := os.ReadFile(meta)
 	if err != nil {
 		t.Fatal(err)
@@ -251,7 +252,7 @@ func TestLoopOwnershipByIdentity(t *testing.T) {
 	}
 	e.cleanupVolume(other)
 	img := func(v *csiclient.Volume) string {
-		return filepath.Join(e.dir, "pool", "volumes", v.ID[len(v.ID)-24:], "disk.img")
+		return filepath.Join(pool.VolumeDir(filepath.Join(e.dir, "pool"), v.ID), pool.ImageName)
 	}
 	dev, err := loop.Attach(img(orphan), loop.Options{})
 	if err != nil {
@@ -313,7 +314,7 @@ func TestTamperedVolumeDirectory(t *testing.T) {
 	if err := os.MkdirAll(outside, 0o750); err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range []string{"volume.json", "disk.img"} {
+	for _, f := range []string{pool.MetadataName, pool.ImageName} {
 		b, err := os.ReadFile(filepath.Join(te.volDir, f))
 		if err != nil {
 			t.Fatal(err)
