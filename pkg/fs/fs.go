@@ -99,11 +99,11 @@ func New() *Mounter {
 }
 
 // Probe returns the filesystem found on device, "" when it is blank. The
-// superblocks of the filesystems Spool makes are read directly; only a
-// device where none (or more than one) is found is left to blkid, which
-// tells a blank device from one holding something else.
+// superblocks of the filesystems Spool makes, and the ends of a blank
+// device, are read directly; a device that is neither is left to blkid,
+// which tells what else it holds.
 func (m *Mounter) Probe(device string) (string, error) {
-	if f, err := probeMagic(device); err != nil || f != "" {
+	if f, blank, err := probeMagic(device); err != nil || f != "" || blank {
 		return f, err
 	}
 	f, err := m.safe.GetDiskFormat(device)

@@ -2,6 +2,7 @@ package fs
 
 import (
 	"bytes"
+	"io"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -126,18 +127,21 @@ const (
 )
 
 // probeMagic reads the superblock magics of ext4, xfs and btrfs on device
-// and returns the one filesystem it finds, or "" when it finds none or more
-// than one (the caller then asks blkid, which also tells a blank device
-// from one holding something else).
-func probeMagic(device string) (string, error) {
+// and returns the one filesystem it finds. With none, blank reports a
+// device whose first and last 64 KiB are zeros, where every signature
+// blkid looks for (filesystems, LVM, MD RAID at either end, LUKS, GPT and
+// its backup, swap) would be: a new image, never formatted. Anything else
+// (no magic on a device that is not blank, or several magics) is left to
+// blkid.
+func probeMagic(device string) (fsType string, blank bool, err error) {
 	f, err := os.Open(device)
 	if err != nil {
-		return "", fmt.Errorf("opening %s: %w", device, err)
+		return "", false, fmt.Errorf("opening %s: %w", device, err)
 	}
 	defer func() { _ = f.Close() }()
 	b := make([]byte, probeBytes)
 	if n, err := f.ReadAt(b, 0); err != nil && n < ext4IncompatOff+4 {
-		return "", fmt.Errorf("reading the superblocks of %s: %w", device, err)
+		return "", false, fmt.Errorf("reading the superblocks of %s: %w", device, err)
 	} else {
 		b = b[:n]
 	}
@@ -152,10 +156,44 @@ func probeMagic(device string) (string, error) {
 	if len(b) >= probeBytes && bytes.Equal(b[btrfsMagicOffset:probeBytes], []byte("_BHRfS_M")) {
 		found = append(found, "btrfs")
 	}
-	if len(found) != 1 {
-		return "", nil
+	switch len(found) {
+	case 1:
+		return found[0], false, nil
+	case 0:
+		blank, err := zeroEnds(f, b)
+		return "", blank, err
 	}
-	return found[0], nil
+	return "", false, nil
+}
+
+// tailBytes is how much of the end of a device must be zeros for it to be
+// blank (MD RAID 1.0 and 0.90 superblocks, the GPT backup live there).
+const tailBytes = 64 << 10
+
+// zeroEnds reports whether head (the start of the device, read already)
+// and the last tailBytes of f are all zeros.
+func zeroEnds(f *os.File, head []byte) (bool, error) {
+	if !allZero(head) || len(head) < probeBytes {
+		return false, nil
+	}
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return false, fmt.Errorf("size of %s: %w", f.Name(), err)
+	}
+	tail := make([]byte, min(size, tailBytes))
+	if _, err := f.ReadAt(tail, size-int64(len(tail))); err != nil {
+		return false, fmt.Errorf("reading the end of %s: %w", f.Name(), err)
+	}
+	return allZero(tail), nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // mkfsArgs are the arguments of mkfs.<fsType> for a blank device, as

@@ -36,8 +36,18 @@ func TestProbeMagic(t *testing.T) {
 		return p
 	}
 	blank := image("blank", 1<<20)
-	if got, err := probeMagic(blank); err != nil || got != "" {
-		t.Errorf("blank: %q, %v", got, err)
+	if got, isBlank, err := probeMagic(blank); err != nil || got != "" || !isBlank {
+		t.Errorf("blank: %q, blank %t, %v", got, isBlank, err)
+	}
+	// Zeros at the start, a signature at the end (an MD RAID 1.0
+	// superblock, a GPT backup): not blank, blkid decides.
+	tail := image("tail", 1<<20)
+	if f, err := os.OpenFile(tail, os.O_WRONLY, 0); err == nil {
+		_, _ = f.WriteAt([]byte{0xfc, 0x4e, 0x2b, 0xa9}, 1<<20-8192)
+		_ = f.Close()
+	}
+	if got, isBlank, err := probeMagic(tail); err != nil || got != "" || isBlank {
+		t.Errorf("signature at the end: %q, blank %t, %v", got, isBlank, err)
 	}
 	for fsType, n := range map[string]int64{"ext4": 64 << 20, "xfs": 300 << 20, "btrfs": 128 << 20} {
 		if _, err := exec.LookPath("mkfs." + fsType); err != nil {
@@ -48,7 +58,7 @@ func TestProbeMagic(t *testing.T) {
 		if out, err := exec.Command("mkfs."+fsType, append(mkfsArgs(fsType, p, nil), "-q")...).CombinedOutput(); err != nil {
 			t.Fatalf("mkfs.%s: %v: %s", fsType, err, out)
 		}
-		if got, err := probeMagic(p); err != nil || got != fsType {
+		if got, _, err := probeMagic(p); err != nil || got != fsType {
 			t.Errorf("%s: probed %q, %v", fsType, got, err)
 		}
 	}
@@ -62,7 +72,7 @@ func TestProbeMagic(t *testing.T) {
 	_, _ = f.WriteAt([]byte{0x53, 0xEF}, ext4SuperOffset+0x38)
 	_, _ = f.WriteAt([]byte{ext4Extents, 0, 0, 0}, ext4IncompatOff)
 	_ = f.Close()
-	if got, err := probeMagic(both); err != nil || got != "" {
-		t.Errorf("two magics: %q, %v", got, err)
+	if got, isBlank, err := probeMagic(both); err != nil || got != "" || isBlank {
+		t.Errorf("two magics: %q, blank %t, %v", got, isBlank, err)
 	}
 }
