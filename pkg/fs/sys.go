@@ -2,10 +2,10 @@ package fs
 
 import (
 	"bytes"
-	"io"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
