@@ -121,14 +121,15 @@ func (d *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		}
 		n = src.size
 	}
-	if other, v, ok := d.pools.volumeNamed(req.GetName()); ok && other != p {
-		return nil, alreadyExistsf("volume %q exists in pool %s", v.Name, other.Name())
+	// Names are unique across the pools: one look finds the name anywhere.
+	holder, v, exists := d.pools.volumeNamed(req.GetName())
+	if exists && holder != p {
+		return nil, alreadyExistsf("volume %q exists in pool %s", v.Name, holder.Name())
 	}
 	creq := pool.CreateRequest{
 		Name: req.GetName(), CapacityBytes: n, Provisioning: prm.provisioning,
 		AccessType: vc.accessType, FSType: vc.fsType, Parameters: req.GetParameters(),
 	}
-	_, exists := p.GetByName(req.GetName())
 	if src != nil {
 		creq.SourceKind, creq.SourceToken = src.kind, src.token
 	}
