@@ -80,13 +80,8 @@ staticcheck:
 lint: vet staticcheck ## gofmt, vet, staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
 
-fuzz: ## each fuzzer for a short bounded time
-	$(GO) test ./pkg/volid -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
-	$(GO) test ./pkg/size -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
-	$(GO) test ./pkg/fs -run '^$$' -fuzz FuzzValidateMountOptions -fuzztime $(FUZZTIME)
-	$(GO) test ./driver -run '^$$' -fuzz FuzzParseParams -fuzztime $(FUZZTIME)
-	$(GO) test ./driver -run '^$$' -fuzz FuzzVolumeSize -fuzztime $(FUZZTIME)
-	$(GO) test ./pkg/pool -run '^$$' -fuzz FuzzReadMeta -fuzztime $(FUZZTIME)
+fuzz: ## each fuzzer for a short bounded time (hack/fuzz.sh)
+	FUZZTIME=$(FUZZTIME) GO=$(GO) hack/fuzz.sh
 
 image: ## container image (needs a container engine)
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .

@@ -105,6 +105,14 @@ func run(m *testing.M) (code int) {
 		teardown, err := setupFlavour(ctx, root, logf)
 		if err != nil {
 			logf("deploy %s: %v", *flavour, err)
+			// What the failed deploy made (the share of deploy/shared, the
+			// snapshot controller, the applied flavour) goes, or the next
+			// run finds it and refuses to start.
+			if teardown != nil {
+				if terr := teardown(); terr != nil {
+					logf("remove %s after the failed deploy: %v", *flavour, terr)
+				}
+			}
 			return 1
 		}
 		defer func() {
