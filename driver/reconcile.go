@@ -2,6 +2,7 @@ package driver
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/loop"
@@ -99,6 +100,10 @@ func (d *Node) ownedDevices() ([]ownedDevice, error) {
 	devs, err := d.kernel.Loops.List()
 	if err != nil {
 		return nil, fmt.Errorf("listing loop devices: %w", err)
+	}
+	devs = slices.DeleteFunc(devs, func(dev loop.Device) bool { return !dev.OwnedBy(d.loopOwner) })
+	if len(devs) == 0 {
+		return nil, nil // the usual case at start: nothing to match the images with
 	}
 	type owner struct {
 		pool  *pool.Pool

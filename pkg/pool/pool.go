@@ -379,6 +379,12 @@ func (p *Pool) loadIndex(repair bool) error {
 // smaller size would refuse. The growth was reserved when it was made; the
 // CO's retry of the expansion then finds the volume large enough.
 func (p *Pool) repairSize(v *Volume) {
+	// A cheap look first (every volume, at every start); only an image that
+	// looks larger is opened beneath the root and checked.
+	var st unix.Stat_t
+	if err := unix.Lstat(filepath.Join(p.volumeDir(v.token), imageFile), &st); err != nil || st.Size <= v.CapacityBytes {
+		return
+	}
 	f, err := p.OpenImage(v.token, unix.O_PATH)
 	if err != nil {
 		return // reported where the image is used
