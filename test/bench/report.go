@@ -76,7 +76,7 @@ call as the client sees it, gRPC included (see the Probe round trip).
    gRPC connection (the baseline is measured the same way).
 2. **Node calls**: %[5]d iterations. Each creates a volume, attaches it
    (ControllerPublishVolume, whose publish context NodeStage checks), then
-   times NodeStage (blank volume: loop attach, blkid, mkfs, mount),
+   times NodeStage (blank volume: loop attach, superblock probe, mkfs, mount(2)),
    NodePublish, NodeUnpublish, NodeUnstage and NodeStage again (formatted
    volume). The reference rows do the kernel work directly: loop attach with
    direct I/O, mkfs.ext4 -F -m0 (the driver's options), mount(2).
