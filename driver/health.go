@@ -80,7 +80,7 @@ func (d *Node) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHeal
 			switch {
 			case nv.dev == nil:
 				add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonDeviceDetached, fmt.Sprintf("%s is mounted but the volume's loop device is gone", target))
-			case !fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) && !fs.IsDeviceNodeBind(m, nv.dev.Path):
+			case !ofDevice(m, nv.dev):
 				add(csi.VolumeHealthErrorType_INACCESSIBLE, reasonForeignMount, fmt.Sprintf("%s holds a mount that is not this volume", target))
 			}
 		}

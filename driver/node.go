@@ -536,12 +536,19 @@ func (d *Node) copyIdentity(nv *nodeVolume, fsType string, ro bool) (opts []stri
 	return opts, true
 }
 
+// ofDevice reports whether the mount m is the loop device dev's: a
+// filesystem mounted from it or a bind of its device node. Nothing is the
+// mount of no device (nil): it cannot be proven.
+func ofDevice(m fs.MountInfo, dev *loop.Device) bool {
+	return dev != nil && (fs.IsDeviceMount(m, dev.Path, dev.Rdev) || fs.IsDeviceNodeBind(m, dev.Path))
+}
+
 // deviceUsers lists the mount points that use the loop device: filesystem
 // mounts of it and binds of its device node.
 func deviceUsers(mounts []fs.MountInfo, dev *loop.Device) []string {
 	var out []string
 	for _, m := range mounts {
-		if fs.IsDeviceMount(m, dev.Path, dev.Rdev) || fs.IsDeviceNodeBind(m, dev.Path) {
+		if ofDevice(m, dev) {
 			out = append(out, m.MountPoint)
 		}
 	}
@@ -577,7 +584,7 @@ func (d *Node) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRe
 		if !ok {
 			continue
 		}
-		if nv.dev == nil || !(fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || fs.IsDeviceNodeBind(m, nv.dev.Path)) {
+		if !ofDevice(m, nv.dev) {
 			return nil, preconditionf("%s holds a mount that is not volume %s", target, id)
 		}
 		if err := d.kernel.Mounter.Unmount(target); err != nil {
@@ -653,7 +660,7 @@ func (d *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		d.checkDevice(nv)
 	}
 	if m, ok := fs.MountAt(mounts, target); ok {
-		if !(fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || fs.IsDeviceNodeBind(m, nv.dev.Path)) {
+		if !ofDevice(m, nv.dev) {
 			return nil, alreadyExistsf("target path %s already holds another mount", target)
 		}
 		if mountedRO := slices.Contains(m.MountOptions, "ro"); mountedRO != ro {
@@ -778,7 +785,7 @@ func (d *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolu
 		}
 		// Only a mount proven to be this volume's is unmounted: with no loop
 		// device there is nothing to prove it by.
-		if nv.dev == nil || !(fs.IsDeviceMount(m, nv.dev.Path, nv.dev.Rdev) || fs.IsDeviceNodeBind(m, nv.dev.Path)) {
+		if !ofDevice(m, nv.dev) {
 			return nil, preconditionf("target path %s holds a mount that is not volume %s; Spool unmounts only its own", target, id)
 		}
 		if err := d.kernel.Mounter.Unmount(target); err != nil {
