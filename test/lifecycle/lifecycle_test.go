@@ -100,6 +100,23 @@ func randomBytes(t *testing.T, n int) []byte {
 	return b
 }
 
+// reattachReadOnly detaches v from the node, attaches it again read-only
+// (ControllerPublishVolume with readonly), and stages and publishes it.
+func (e *env) reattachReadOnly(c context.Context, v *csiclient.Volume) {
+	e.t.Helper()
+	if _, err := e.c.ControllerUnpublishVolume(c, &csi.ControllerUnpublishVolumeRequest{VolumeId: v.ID, NodeId: node}); err != nil {
+		e.t.Fatal(err)
+	}
+	pub, err := e.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: v.ID, NodeId: node, VolumeCapability: v.Cap, Readonly: true})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	v.PublishContext = pub.GetPublishContext()
+	if err := e.c.StageAndPublish(c, v); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
 // cleanupVolume tears a volume down even when the test failed half way.
 func (e *env) cleanupVolume(v *csiclient.Volume) {
 	e.t.Cleanup(func() {
@@ -385,18 +402,7 @@ func TestReadOnly(t *testing.T) {
 	if err := e.c.UnpublishAndUnstage(c, v); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.c.ControllerUnpublishVolume(c, &csi.ControllerUnpublishVolumeRequest{VolumeId: v.ID, NodeId: node}); err != nil {
-		t.Fatal(err)
-	}
-
-	pub, err := e.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: v.ID, NodeId: node, VolumeCapability: v.Cap, Readonly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	v.PublishContext = pub.GetPublishContext()
-	if err := e.c.StageAndPublish(c, v); err != nil {
-		t.Fatal(err)
-	}
+	e.reattachReadOnly(c, v)
 	dev, err := loop.Find(filepath.Join(pool.VolumeDir(filepath.Join(e.dir, "pool"), v.ID), pool.ImageName))
 	if err != nil || !dev.ReadOnly {
 		t.Fatalf("loop device of a read-only attachment: %+v, %v", dev, err)

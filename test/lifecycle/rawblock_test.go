@@ -112,17 +112,7 @@ func TestRawBlockBackingFileChanged(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.cleanupVolume(v)
-	if _, err := e.c.ControllerUnpublishVolume(c, &csi.ControllerUnpublishVolumeRequest{VolumeId: v.ID, NodeId: node}); err != nil {
-		t.Fatal(err)
-	}
-	pub, err := e.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: v.ID, NodeId: node, VolumeCapability: v.Cap, Readonly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	v.PublishContext = pub.GetPublishContext()
-	if err := e.c.StageAndPublish(c, v); err != nil {
-		t.Fatal(err)
-	}
+	e.reattachReadOnly(c, v)
 	other := filepath.Join(e.dir, "pods-own-file")
 	if err := os.WriteFile(other, make([]byte, 16<<20), 0o600); err != nil {
 		t.Fatal(err)
