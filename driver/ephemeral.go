@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"regexp"
 	"slices"
 	"strings"
@@ -174,9 +175,7 @@ func (d *Node) publishEphemeral(ctx context.Context, req *csi.NodePublishVolumeR
 		}
 	}
 	if err != nil {
-		if _, ok := status.FromError(err); !ok {
-			err = status.Errorf(codes.Internal, "publishing ephemeral volume %s: %v", id, err)
-		}
+		err = fmt.Errorf("publishing ephemeral volume %s: %w", id, err)
 		return nil, d.failEphemeral(nv, err)
 	}
 	klog.V(2).InfoS("Published ephemeral volume", "volumeID", id, "pool", p.Name(), "spoolID", v.ID, "bytes", v.CapacityBytes, "target", target)

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/spool-csi/spool/pkg/fs"
 	"github.com/spool-csi/spool/pkg/pool"
 )
 
@@ -44,8 +45,9 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 // unexpected failure, Internal. nil stays nil.
 func ToStatus(err error) error { return toStatus(err) }
 
-// poolCodes are the gRPC codes of pool's error kinds.
-var poolCodes = []struct {
+// kindCodes are the gRPC codes of the error kinds of the packages below
+// the driver.
+var kindCodes = []struct {
 	kind error
 	code codes.Code
 }{
@@ -57,6 +59,7 @@ var poolCodes = []struct {
 	{pool.ErrUnsupported, codes.InvalidArgument},
 	{pool.ErrInUse, codes.FailedPrecondition},
 	{pool.ErrUntrusted, codes.FailedPrecondition}, // an administrator must look at the pool
+	{fs.ErrNotEmpty, codes.FailedPrecondition},    // a CO path holds what Spool did not make
 }
 
 func toStatus(err error) error {
@@ -67,7 +70,7 @@ func toStatus(err error) error {
 		return err
 	}
 	code := codes.Internal
-	for _, pc := range poolCodes {
+	for _, pc := range kindCodes {
 		if errors.Is(err, pc.kind) {
 			return status.Error(pc.code, err.Error())
 		}

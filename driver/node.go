@@ -142,14 +142,10 @@ func (d *Node) attach(nv *nodeVolume, ro bool) (*loop.Device, error) {
 	return dev, nil
 }
 
-// imageError maps a failure to open a volume's image: an image that is not
-// what Spool makes is FailedPrecondition (an administrator must look at the
-// pool); anything else, a missing image included, is Internal.
+// imageError says which volume's image could not be opened; toStatus gives
+// it its code (an image that is not what Spool makes: FailedPrecondition).
 func imageError(id string, err error) error {
-	if errors.Is(err, pool.ErrUntrusted) {
-		return preconditionf("volume %s cannot be used: %v", id, err)
-	}
-	return status.Errorf(codes.Internal, "volume %s: opening its image: %v", id, err)
+	return fmt.Errorf("volume %s: opening its image: %w", id, err)
 }
 
 // lockNodeVolume takes the volume's lock and finds it on this node; the
@@ -723,14 +719,11 @@ func (d *Node) reconfiguredBlockDevice(mounts []fs.MountInfo, marker string, v p
 	return nil, nil
 }
 
-// coPathError maps an error about a CO-given path: one that holds what Spool
-// did not make is FailedPrecondition (and stays as it is), anything else
-// Internal.
+// coPathError says which CO-given path an error is about; toStatus gives it
+// its code (a path holding what Spool did not make: FailedPrecondition, and
+// it stays as it is).
 func coPathError(what string, err error) error {
-	if errors.Is(err, fs.ErrNotEmpty) {
-		return preconditionf("%s %v: Spool neither mounts over nor removes it", what, err)
-	}
-	return status.Errorf(codes.Internal, "%s: %v", what, err)
+	return fmt.Errorf("%s: %w", what, err)
 }
 
 // isStaged reports whether the volume's loop device is staged at staging.
