@@ -117,9 +117,6 @@ func (d *Node) ownedDevices() ([]ownedDevice, error) {
 	}
 	var out []ownedDevice
 	for _, dev := range devs {
-		if !dev.OwnedBy(d.loopOwner) {
-			continue
-		}
 		if o, ok := images[pool.ImageID{Dev: dev.BackingDev, Ino: dev.Inode}]; ok {
 			out = append(out, ownedDevice{Device: dev, pool: o.pool, token: o.token})
 			continue

@@ -159,18 +159,26 @@ func ImageIDOf(f *os.File) (ImageID, error) {
 // volume's token. It is how loop devices are matched to volumes: by the file
 // that backs them, not by a path string (a symlinked pool directory or a
 // node plugin container that sees the pool at another path still matches).
-// Images that fail the checks of OpenImage are left out.
+// Images that fail the checks of OpenImage are left out. The volumes are
+// those of the index: identities need no metadata, so a shared pool's are
+// not read again from the share (List would).
 func (p *Pool) Images() map[ImageID]string {
+	p.mu.Lock()
+	tokens := make([]string, 0, len(p.vols))
+	for tok := range p.vols {
+		tokens = append(tokens, tok)
+	}
+	p.mu.Unlock()
 	out := map[ImageID]string{}
-	for _, v := range p.List() {
-		f, err := p.OpenImage(v.token, unix.O_PATH)
+	for _, tok := range tokens {
+		f, err := p.OpenImage(tok, unix.O_PATH)
 		if err != nil {
 			continue
 		}
 		id, err := ImageIDOf(f)
 		_ = f.Close()
 		if err == nil {
-			out[id] = v.token
+			out[id] = tok
 		}
 	}
 	return out
