@@ -74,9 +74,6 @@ func newSnapIndex() snapIndex {
 	return snapIndex{snaps: map[string]*Snapshot{}, snapNames: map[string]string{}, groups: map[string]*Group{}, groupNames: map[string]string{}}
 }
 
-func (p *Pool) snapshotDir(token string) string { return filepath.Join(p.root, snapshotsDir, token) }
-func (p *Pool) groupDir(token string) string    { return filepath.Join(p.root, groupsDir, token) }
-
 // SnapshotRequest describes a new snapshot of a volume of this pool. The
 // caller holds the source volume's lock.
 type SnapshotRequest struct {
@@ -267,7 +264,7 @@ func (p *Pool) DeleteSnapshot(token string) error {
 // index. A directory already gone was removed by another controller of a
 // shared pool, or by an earlier attempt.
 func (p *Pool) removeSnapshot(token string) error {
-	if err := p.trash(p.snapshotDir(token), "snap-"+token); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := p.trash(filepath.Join(snapshotsDir, token), "snap-"+token); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	p.mu.Lock()
@@ -283,22 +280,34 @@ func (p *Pool) removeSnapshot(token string) error {
 
 // trash moves dir into .trash (durably: from then on a crash leaves only
 // trash that Open removes) and removes it.
-func (p *Pool) trash(dir, name string) error {
-	dst := filepath.Join(trashDir, name)
-	rel, err := filepath.Rel(p.root, dir)
+func (p *Pool) trash(rel, name string) error {
+	dst, err := p.toTrash(rel, name)
 	if err != nil {
-		return fmt.Errorf("pool %s: %s is not in the pool: %w", p.name, dir, err)
-	}
-	if err := p.renameBeneath(rel, dst); err != nil {
-		return fmt.Errorf("moving %s to trash: %w", dir, err)
-	}
-	if err := syncDir(filepath.Dir(dir)); err != nil {
 		return err
 	}
+	p.emptyTrash(dst)
+	return nil
+}
+
+// toTrash moves rel (relative to the pool root) to .trash/name, durably:
+// from then on a crash leaves only trash that Open removes.
+func (p *Pool) toTrash(rel, name string) (string, error) {
+	dst := filepath.Join(trashDir, name)
+	if err := p.renameBeneath(rel, dst); err != nil {
+		return "", fmt.Errorf("moving %s to trash: %w", rel, err)
+	}
+	if err := syncDir(filepath.Join(p.root, filepath.Dir(rel))); err != nil {
+		return "", err
+	}
+	return dst, nil
+}
+
+// emptyTrash removes what toTrash moved; what it cannot remove, the next
+// start does.
+func (p *Pool) emptyTrash(dst string) {
 	if err := p.removeBeneath(dst); err != nil {
 		klog.ErrorS(err, "Could not remove deleted files; the next start will", "pool", p.name, "path", dst)
 	}
-	return nil
 }
 
 // CreateGroup records a group snapshot whose member snapshots the caller
@@ -379,7 +388,7 @@ func (p *Pool) DeleteGroup(token string) error {
 	}
 	// Already gone: another controller of a shared pool deleted it (as
 	// removeSnapshot, on every pool).
-	if err := p.trash(p.groupDir(token), "group-"+token); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := p.trash(filepath.Join(groupsDir, token), "group-"+token); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("deleting group snapshot %s: %w", g.ID, err)
 	}
 	p.mu.Lock()
@@ -445,7 +454,7 @@ func (p *Pool) loadSnapshots(clean bool) error {
 				return nil
 			}
 			klog.InfoS("Removing member of an unfinished or deleted group snapshot", "pool", p.name, "snapshotID", s.ID, "groupSnapshotID", s.GroupID)
-			return p.trash(p.snapshotDir(tok), "snap-"+tok)
+			return p.trash(filepath.Join(snapshotsDir, tok), "snap-"+tok)
 		}
 		charge, err := allocatedBytes(filepath.Join(p.root, snapshotsDir, tok, imageFile))
 		if err != nil {

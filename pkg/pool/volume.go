@@ -444,12 +444,9 @@ func (p *Pool) DeleteVolume(token string) error {
 	}
 
 	// Rename first: from here on a crash leaves only trash that Open removes.
-	trash := filepath.Join(trashDir, token)
-	if err := p.renameBeneath(filepath.Join(volumesDir, token), trash); err != nil {
-		return fmt.Errorf("moving volume %s to trash: %w", v.ID, err)
-	}
-	if err := syncDir(filepath.Join(p.root, volumesDir)); err != nil {
-		return err
+	trash, err := p.toTrash(filepath.Join(volumesDir, token), token)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", v.ID, err)
 	}
 	faults.Point("delete-trashed")
 	p.mu.Lock()
@@ -459,10 +456,7 @@ func (p *Pool) DeleteVolume(token string) error {
 		delete(p.names, v.Name)
 	}
 	p.mu.Unlock()
-	if err := p.removeBeneath(trash); err != nil {
-		// The volume is gone for every caller; Open will finish the job.
-		klog.ErrorS(err, "Could not remove deleted volume's files", "pool", p.name, "path", trash)
-	}
+	p.emptyTrash(trash) // the volume is gone for every caller already
 	klog.V(2).InfoS("Deleted volume", "pool", p.name, "volumeID", v.ID, "name", v.Name)
 	return nil
 }
