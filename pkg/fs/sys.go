@@ -18,8 +18,10 @@ import (
 // The node's hot path (stage, publish, unpublish, unstage) talks to the
 // kernel directly: mount(2) and umount(2) instead of mount(8) and
 // umount(8), superblock magic instead of blkid. Starting a program costs
-// about 2.5 ms here, more than the kernel work itself; only mkfs, fsck and
-// the growth tools are still programs.
+// more than the kernel work itself (make bench, "spawn and wait for
+// true(1)": 0.9-1.1 ms on the 2-CPU machine of docs/performance.md, 2.5 ms
+// on an earlier one); only mkfs, fsck and the growth tools are still
+// programs.
 
 // flagOptions are the mount options that are VFS mount flags (mount(2)'s
 // flags argument) rather than filesystem options (its data argument): set
