@@ -93,6 +93,9 @@ func (d *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if err := checkCopyKind(src, vc); err != nil {
 		return nil, err
 	}
+	if err := checkEncryption(prm, vc, src); err != nil {
+		return nil, err
+	}
 	if src != nil && prm.pool == "" {
 		prm.pool = src.pool.Name() // copies stay in their origin's pool
 	}
@@ -132,6 +135,10 @@ func (d *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	}
 	if src != nil {
 		creq.SourceKind, creq.SourceToken = src.kind, src.token
+	} else if prm.encryption != "" && !exists {
+		if creq.Encryption, err = pool.NewEncryption(prm.encryption); err != nil {
+			return nil, err
+		}
 	}
 	if src != nil && !exists {
 		// The origin must not go away or change while it is copied.
@@ -175,6 +182,8 @@ type contentSrc struct {
 	// they were recorded outlived its source volume).
 	accessType pool.AccessType
 	fsType     string
+	// encrypted: the origin's bytes are encrypted, and so are the copy's.
+	encrypted bool
 }
 
 // checkCopyKind refuses a copy that would change what its bytes are: a
@@ -211,7 +220,7 @@ func (d *Controller) contentSource(cs *csi.VolumeContentSource) (*contentSrc, er
 			return nil, err
 		}
 		src := &contentSrc{kind: pool.SourceSnapshot, id: id, token: sid.Token, size: s.SizeBytes, pool: p,
-			accessType: s.AccessType, fsType: s.FSType}
+			accessType: s.AccessType, fsType: s.FSType, encrypted: s.Encryption != nil}
 		if src.accessType == "" {
 			// Made before snapshots recorded it: its source, if it is
 			// still there, says.
@@ -229,7 +238,7 @@ func (d *Controller) contentSource(cs *csi.VolumeContentSource) (*contentSrc, er
 			return nil, err
 		}
 		return &contentSrc{kind: pool.SourceVolume, id: id, token: v.Token(), size: v.CapacityBytes, pool: p,
-			accessType: v.AccessType, fsType: v.FSType}, nil
+			accessType: v.AccessType, fsType: v.FSType, encrypted: v.Encryption != nil}, nil
 	}
 	return nil, invalidf("volume content source names neither a snapshot nor a volume")
 }
@@ -248,6 +257,8 @@ func compatible(v pool.Volume, req *csi.CreateVolumeRequest, prm params, vc volu
 		return alreadyExistsf("volume %q exists with %s access", v.Name, v.AccessType)
 	case v.FSType != vc.fsType:
 		return alreadyExistsf("volume %q exists with filesystem %q", v.Name, v.FSType)
+	case (v.Encryption != nil) != (prm.encryption != "" || (src != nil && src.encrypted)):
+		return alreadyExistsf("volume %q exists with encryption %s", v.Name, encryptionOf(v))
 	}
 	return nil
 }
@@ -271,6 +282,9 @@ func (d *core) checkTopology(p *pool.Pool, r *csi.TopologyRequirement) error {
 
 func (d *core) csiVolume(p *pool.Pool, v pool.Volume) *csi.Volume {
 	ctx := map[string]string{ParamPool: p.Name(), ParamProvisioning: string(v.Provisioning)}
+	if v.Encryption != nil {
+		ctx[ParamEncryption] = v.Encryption.Mode
+	}
 	cv := &csi.Volume{
 		VolumeId:           v.ID,
 		CapacityBytes:      v.CapacityBytes,

@@ -76,8 +76,13 @@ func parseEphemeralAttrs(in map[string]string, c *csi.VolumeCapability) (ephemer
 		return a, invalidf("fsType %q is not supported (supported: %s)", a.fsType, strings.Join(fs.SupportedTypes(), ", "))
 	}
 	var err error
-	a.params, err = parseParams(rest)
-	return a, err
+	if a.params, err = parseParams(rest); err != nil {
+		return a, err
+	}
+	if a.encryption != "" {
+		return a, invalidf("volume attribute %s: ephemeral inline volumes cannot be encrypted: NodePublishVolume carries no node-stage Secret to key them; use a PersistentVolumeClaim (or a generic ephemeral volume) of an encrypted StorageClass", ParamEncryption)
+	}
+	return a, nil
 }
 
 // publishEphemeral creates an ephemeral volume from the volume attributes,

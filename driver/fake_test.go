@@ -1,15 +1,18 @@
 package driver
 
 import (
+	"crypto/sha256"
 	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/fscrypt"
 	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
 )
@@ -26,13 +29,76 @@ type fakeKernel struct {
 	// mountOpts are the options each filesystem mount was asked for, by
 	// target (the mount table keeps only rw or ro, as the kernel shows).
 	mountOpts map[string][]string
+	// formatOpts are the mkfs options of each format, by device.
+	formatOpts map[string][]string
+	// policies are the fscrypt keys that encrypt each image's filesystem
+	// (the directory's policy); keys are the keys added, by mount point;
+	// cryptCalls is the order of Unlock, Lock and Unmount calls.
+	policies   map[pool.ImageID]fscrypt.Identifier
+	keys       map[string]fscrypt.Identifier
+	cryptCalls []string
 }
 
 func newFakeKernel() *fakeKernel {
-	return &fakeKernel{devs: map[pool.ImageID]*loop.Device{}, formats: map[string]string{}, mountOpts: map[string][]string{}}
+	return &fakeKernel{devs: map[pool.ImageID]*loop.Device{}, formats: map[string]string{}, mountOpts: map[string][]string{},
+		formatOpts: map[string][]string{}, policies: map[pool.ImageID]fscrypt.Identifier{}, keys: map[string]fscrypt.Identifier{}}
 }
 
-func (k *fakeKernel) kernel() Kernel { return Kernel{Loops: k, Mounter: k} }
+func (k *fakeKernel) kernel() Kernel { return Kernel{Loops: k, Mounter: k, Crypt: k} }
+
+// imageMountedAt returns the image of the filesystem mounted at root.
+func (k *fakeKernel) imageMountedAt(root string) (pool.ImageID, bool) {
+	for _, m := range k.mounts {
+		if m.MountPoint != root || m.FsType == "devtmpfs" {
+			continue
+		}
+		for id, d := range k.devs {
+			if d.Number == m.Minor {
+				return id, true
+			}
+		}
+	}
+	return pool.ImageID{}, false
+}
+
+// Unlock stands in for fscrypt.Unlock: the identifier is a hash of the key,
+// the first unlock with create sets the image's policy, and the directory
+// is made for real (NodePublish checks it).
+func (k *fakeKernel) Unlock(root, dir string, key fscrypt.Key, create bool) (fscrypt.Identifier, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.cryptCalls = append(k.cryptCalls, "unlock "+root)
+	img, ok := k.imageMountedAt(root)
+	if !ok {
+		return fscrypt.Identifier{}, errors.New("nothing mounted at " + root)
+	}
+	sum := sha256.Sum256(key)
+	var id fscrypt.Identifier
+	copy(id[:], sum[:])
+	have, set := k.policies[img]
+	switch {
+	case set && have != id:
+		return fscrypt.Identifier{}, fscrypt.ErrWrongKey
+	case !set && !create:
+		return fscrypt.Identifier{}, fscrypt.ErrNotEncrypted
+	case !set:
+		if err := os.MkdirAll(filepath.Join(root, dir), 0o755); err != nil {
+			return id, err
+		}
+		k.policies[img] = id
+	}
+	k.keys[root] = id
+	return id, nil
+}
+
+func (k *fakeKernel) Lock(root, _ string) (fscrypt.Identifier, bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.cryptCalls = append(k.cryptCalls, "lock "+root)
+	id := k.keys[root]
+	delete(k.keys, root)
+	return id, false, nil
+}
 
 func (k *fakeKernel) Attach(f *os.File, opts loop.Options) (*loop.Device, error) {
 	id, err := pool.ImageIDOf(f)
@@ -147,7 +213,7 @@ func (k *fakeKernel) Probe(device string) (string, error) {
 	return k.formats[device], nil
 }
 
-func (k *fakeKernel) FormatAndMount(device, target, fsType string, options, _ []string) error {
+func (k *fakeKernel) FormatAndMount(device, target, fsType string, options, formatOptions []string) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	d := k.devByPath(device)
@@ -156,6 +222,7 @@ func (k *fakeKernel) FormatAndMount(device, target, fsType string, options, _ []
 	}
 	if k.formats[device] == "" {
 		k.formats[device] = fsType
+		k.formatOpts[device] = formatOptions
 	}
 	k.mounts = append(k.mounts, fs.MountInfo{Major: 7, Minor: d.Number, Root: "/", MountPoint: target, FsType: fsType, MountOptions: rwOpt(options)})
 	k.mountOpts[target] = append([]string(nil), options...)
@@ -177,8 +244,10 @@ func (k *fakeKernel) BindMount(source, target string, ro bool) error {
 		k.mounts = append(k.mounts, fs.MountInfo{Major: 0, Minor: 5, Root: "/" + filepath.Base(source), MountPoint: target, FsType: "devtmpfs", MountOptions: opts})
 		return nil
 	}
-	for _, m := range k.mounts {
-		if m.MountPoint == source {
+	for i := len(k.mounts) - 1; i >= 0; i-- {
+		m := k.mounts[i]
+		if rel, err := filepath.Rel(m.MountPoint, source); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+			m.Root = filepath.Join(m.Root, rel)
 			m.MountPoint, m.MountOptions = target, opts
 			k.mounts = append(k.mounts, m)
 			return nil
@@ -190,6 +259,9 @@ func (k *fakeKernel) BindMount(source, target string, ro bool) error {
 func (k *fakeKernel) Unmount(target string) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.cryptCalls = append(k.cryptCalls, "unmount "+target)
+	// The encrypted directory Unlock made lived in the filesystem.
+	_ = os.Remove(filepath.Join(target, encryptedDir))
 	for i := len(k.mounts) - 1; i >= 0; i-- {
 		if k.mounts[i].MountPoint == target {
 			k.mounts = append(k.mounts[:i], k.mounts[i+1:]...)

@@ -4,6 +4,7 @@ import (
 	"os"
 
 	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/fscrypt"
 	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
 )
@@ -43,10 +44,30 @@ type Mounter interface {
 	Thaw(path string) (bool, error)
 }
 
+// Crypt is the node service's edge to filesystem encryption. The real one
+// is pkg/fscrypt; unit tests use a fake.
+type Crypt interface {
+	// Unlock adds key to the filesystem mounted at root and checks (or,
+	// with create, sets) the encryption of its directory dir.
+	Unlock(root, dir string, key fscrypt.Key, create bool) (fscrypt.Identifier, error)
+	// Lock removes the key of the directory dir from the filesystem.
+	Lock(root, dir string) (id fscrypt.Identifier, busy bool, err error)
+}
+
 // Kernel bundles the node's edges.
 type Kernel struct {
 	Loops   LoopDevices
 	Mounter Mounter
+	Crypt   Crypt
+}
+
+type realCrypt struct{}
+
+func (realCrypt) Unlock(root, dir string, key fscrypt.Key, create bool) (fscrypt.Identifier, error) {
+	return fscrypt.Unlock(root, dir, key, create)
+}
+func (realCrypt) Lock(root, dir string) (fscrypt.Identifier, bool, error) {
+	return fscrypt.Lock(root, dir)
 }
 
 type realLoops struct{}
@@ -75,5 +96,5 @@ func (realMounter) Thaw(path string) (bool, error)           { return fs.Thaw(pa
 
 // RealKernel returns the edges backed by the running kernel.
 func RealKernel() Kernel {
-	return Kernel{Loops: realLoops{}, Mounter: realMounter{fs.New()}}
+	return Kernel{Loops: realLoops{}, Mounter: realMounter{fs.New()}, Crypt: realCrypt{}}
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/spool-csi/spool/pkg/faults"
 	"github.com/spool-csi/spool/pkg/fs"
+	"github.com/spool-csi/spool/pkg/fscrypt"
 	"github.com/spool-csi/spool/pkg/loop"
 	"github.com/spool-csi/spool/pkg/pool"
 )
@@ -227,6 +228,8 @@ type stage struct {
 	attached bool
 	// newFSID: a copy's filesystem got its own UUID, for record to write.
 	newFSID bool
+	// key is an encrypted volume's key (encryption.go), nil otherwise.
+	key fscrypt.Key
 }
 
 // NodeStageVolume attaches the image to a loop device and, for filesystem
@@ -248,11 +251,22 @@ func (d *Node) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeReques
 	}
 	defer unlock()
 	st := &stage{nv: nv, staging: staging, c: c, pc: req.GetPublishContext()}
+	// An encrypted volume's key is checked before anything changes.
+	if st.key, err = stageKey(nv.vol, req.GetSecrets()); err != nil {
+		return nil, err
+	}
+	defer st.key.Wipe()
 	done, err := d.admit(st)
 	if err != nil {
 		return nil, err
 	}
-	if !done {
+	if done {
+		// Already staged (by a plugin that restarted, perhaps): the key
+		// must still be this volume's.
+		if err := d.unlock(st); err != nil {
+			return nil, err
+		}
+	} else {
 		if err := d.attachForStage(st); err != nil {
 			return nil, err
 		}
@@ -361,7 +375,17 @@ func (d *Node) mountForStage(st *stage) error {
 	if st.block {
 		return d.stageBlock(st.nv, st.staging)
 	}
-	return d.stageMount(st)
+	if err := d.stageMount(st); err != nil {
+		return err
+	}
+	if err := d.unlock(st); err != nil {
+		// Nothing stays mounted with a key that does not unlock it.
+		if uerr := d.kernel.Mounter.Unmount(st.staging); uerr != nil {
+			klog.ErrorS(uerr, "Could not unmount after a failed unlock", "volumeID", st.nv.vol.ID)
+		}
+		return err
+	}
+	return nil
 }
 
 // record keeps what the stage established: the attachment the node now
@@ -487,7 +511,11 @@ func (d *Node) stageMount(st *stage) error {
 		}
 	}
 	if found == "" {
-		err = d.kernel.Mounter.FormatAndMount(nv.dev.Path, staging, fsType, opts, nil)
+		var formatOpts []string
+		if nv.vol.Encryption != nil {
+			formatOpts = []string{"-O", "encrypt"}
+		}
+		err = d.kernel.Mounter.FormatAndMount(nv.dev.Path, staging, fsType, opts, formatOpts)
 	} else {
 		err = d.kernel.Mounter.MountFormatted(nv.dev.Path, staging, found, opts)
 	}
@@ -583,6 +611,12 @@ func (d *Node) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRe
 		if !ofDevice(m, nv.dev) {
 			return nil, preconditionf("%s holds a mount that is not volume %s", target, id)
 		}
+		if target == staging {
+			if users := deviceUsers(mounts, nv.dev); len(users) > 1 {
+				return nil, preconditionf("volume %s is still published at %v: NodeUnpublishVolume it first", id, slices.DeleteFunc(users, func(p string) bool { return p == staging }))
+			}
+			d.lock(nv.vol, staging)
+		}
 		if err := d.kernel.Mounter.Unmount(target); err != nil {
 			return nil, status.Errorf(codes.Internal, "unstaging %s: %v", id, err)
 		}
@@ -647,13 +681,15 @@ func (d *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		return nil, err
 	}
 	block := c.GetBlock() != nil
-	source := staging
 	if !d.isStaged(nv, mounts, staging, block) {
 		return nil, preconditionf("volume %s is not staged at %s: NodeStageVolume it first", id, staging)
 	}
+	var source string
 	if block {
 		source = nv.dev.Path
 		d.checkDevice(nv)
+	} else if source, err = publishSource(nv.vol, staging); err != nil {
+		return nil, err
 	}
 	if m, ok := fs.MountAt(mounts, target); ok {
 		if !ofDevice(m, nv.dev) {

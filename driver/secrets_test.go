@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"flag"
+	iofs "io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -45,10 +47,14 @@ func TestSecretsNeverLogged(t *testing.T) {
 	ctx := context.Background()
 	cc, nc, gc := csi.NewControllerClient(conn), csi.NewNodeClient(conn), csi.NewGroupControllerClient(conn)
 
-	sec := map[string]string{"password": marker, "token": "x" + marker}
+	// The volume is encrypted: its master key is a secret too, and goes
+	// through key derivation, unlock and its errors.
+	sec := map[string]string{"password": marker, "token": "x" + marker, SecretEncryptionKey: marker + strings.Repeat("k", 32)}
+	wrongKey := map[string]string{SecretEncryptionKey: marker + strings.Repeat("w", 32)}
+	shortKey := map[string]string{SecretEncryptionKey: marker}
 	c := mountCap("ext4")
 	cv, err := cc.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{c}, Secrets: sec,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}})
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}, Parameters: encParams})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,7 +71,15 @@ func TestSecretsNeverLogged(t *testing.T) {
 			return err
 		},
 		func() error {
+			_, err := nc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c, PublishContext: pub.GetPublishContext(), Secrets: shortKey})
+			return err
+		},
+		func() error {
 			_, err := nc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c, PublishContext: pub.GetPublishContext(), Secrets: sec})
+			return err
+		},
+		func() error {
+			_, err := nc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c, PublishContext: pub.GetPublishContext(), Secrets: wrongKey})
 			return err
 		},
 		func() error {
@@ -118,9 +132,20 @@ func TestSecretsNeverLogged(t *testing.T) {
 			return err
 		},
 	}
-	for _, call := range calls {
-		_ = call()
+	for i, call := range calls {
+		if err := call(); err != nil && strings.Contains(err.Error(), marker) {
+			t.Errorf("call %d: the error holds the secret: %v", i, err)
+		}
 	}
+	// Nothing in the pool holds it either (the salt is not a secret).
+	_ = filepath.WalkDir(filepath.Join(dir, "pool"), func(p string, e iofs.DirEntry, err error) error {
+		if err == nil && e.Type().IsRegular() {
+			if b, _ := os.ReadFile(p); bytes.Contains(b, []byte(marker)) {
+				t.Errorf("%s holds the secret", p)
+			}
+		}
+		return nil
+	})
 	klog.Flush()
 	log := buf.String()
 	if strings.Contains(log, marker) {
@@ -130,7 +155,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 			}
 		}
 	}
-	for _, want := range []string{"/csi.v1.Controller/CreateVolume", "/csi.v1.Node/NodeStageVolume", "/csi.v1.GroupController/CreateVolumeGroupSnapshot", "stripped"} {
+	for _, want := range []string{"/csi.v1.Controller/CreateVolume", "/csi.v1.Node/NodeStageVolume", "/csi.v1.GroupController/CreateVolumeGroupSnapshot", "stripped", "Unlocked encrypted volume", "does not unlock it", "bytes of key material"} {
 		if !strings.Contains(log, want) {
 			t.Errorf("log does not mention %q: the calls were not logged, so the check proves nothing", want)
 		}

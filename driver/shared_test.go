@@ -431,7 +431,7 @@ func TestControllerModeLeavesKernelAlone(t *testing.T) {
 	ctrl, err := New(Options{
 		Endpoint: "unix:///tmp/unused.sock", NodeID: "controller-2", Version: "test", Mode: ModeController,
 		Pools: []pool.Spec{{Name: "nfs", Dir: c.dir, Shared: true}},
-	}, Kernel{Loops: deniedLoops{k}, Mounter: k})
+	}, Kernel{Loops: deniedLoops{k}, Mounter: k, Crypt: k})
 	if err != nil {
 		t.Fatal(err)
 	}

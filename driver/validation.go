@@ -18,6 +18,9 @@ import (
 const (
 	ParamPool         = "pool"
 	ParamProvisioning = "provisioning"
+	// ParamEncryption: "fscrypt" encrypts the volume's files at rest with
+	// a key from the node-stage Secret (encryption.go).
+	ParamEncryption = "encryption"
 	// Keys with this prefix are set by the sidecars (PVC name, secrets
 	// references, ...) and are not Spool's to interpret.
 	reservedParamPrefix = "csi.storage.k8s.io/"
@@ -36,6 +39,7 @@ const (
 type params struct {
 	pool         string
 	provisioning pool.Provisioning
+	encryption   string // "" or pool.EncryptionFscrypt
 }
 
 // Bounds of the parameters a volume stores in its metadata (the CO's
@@ -87,9 +91,14 @@ func parseParams(in map[string]string) (params, error) {
 			default:
 				return params{}, invalidf("parameter %s=%q: want thin or thick", ParamProvisioning, v)
 			}
+		case k == ParamEncryption:
+			if v != pool.EncryptionFscrypt {
+				return params{}, invalidf("parameter %s=%q: want %s (ext4's native encryption; see docs/encryption.md)", ParamEncryption, v, pool.EncryptionFscrypt)
+			}
+			p.encryption = v
 		case strings.HasPrefix(k, reservedParamPrefix):
 		default:
-			return params{}, invalidf("unknown parameter %q (known: %s, %s)", k, ParamPool, ParamProvisioning)
+			return params{}, invalidf("unknown parameter %q (known: %s, %s, %s)", k, ParamPool, ParamProvisioning, ParamEncryption)
 		}
 	}
 	return p, nil

@@ -453,3 +453,37 @@ func TestListAndDelete(t *testing.T) {
 		t.Fatalf("volume directories %v", dirs)
 	}
 }
+
+// An encrypted pre-provisioned volume: the PV names its key Secret, the
+// metadata holds a salt and no key, the listing shows the encryption.
+func TestCreateEncrypted(t *testing.T) {
+	dir := newPool(t)
+	r := mustRun(t, 0, createArgs(dir, "--size", "64Mi", "--name", "secret-data", "--encryption-secret", "apps/volume-keys")...)
+	for _, want := range []string{"nodeStageSecretRef:\n      name: \"volume-keys\"\n      namespace: \"apps\"", `"encryption": "fscrypt"`} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("manifest lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	first, _, _ := strings.Cut(r.stdout, "\n")
+	handle := strings.Trim(strings.TrimPrefix(first, "# volumeHandle: "), `"`)
+	if v := readMeta(t, dir, handle); v.Encryption == nil || v.Encryption.Mode != pool.EncryptionFscrypt || len(v.Encryption.Salt) != 64 {
+		t.Fatalf("metadata encryption %+v", v.Encryption)
+	}
+	table := mustRun(t, 0, "list", "--pool", "default="+dir, "--node-id", testNode).stdout
+	if !strings.Contains(table, "ENCRYPTION") || !strings.Contains(table, "fscrypt") {
+		t.Errorf("list does not show the encryption:\n%s", table)
+	}
+	for _, bad := range [][]string{
+		{"--size", "64Mi", "--name", "x1", "--encryption-secret", "no-namespace"},
+		{"--size", "64Mi", "--name", "x2", "--encryption-secret", "apps/Bad_Name"},
+		{"--size", "300Mi", "--name", "x3", "--encryption-secret", "apps/k", "--fs", "xfs"},
+		{"--size", "64Mi", "--name", "x4", "--encryption-secret", "apps/k", "--fs", "block"},
+	} {
+		if r := run(createArgs(dir, bad...)...); r.code == 0 {
+			t.Errorf("%v: accepted", bad)
+		}
+	}
+	if n := len(volumeDirs(t, dir)); n != 1 {
+		t.Fatalf("%d volumes after refused creates, want 1", n)
+	}
+}

@@ -51,6 +51,10 @@ type createFlags struct {
 	reclaimPolicy string
 	storageClass  string
 	output        string
+	// encryptionSecret is NAMESPACE/NAME of the Secret whose encryptionKey
+	// encrypts the volume ("" for none).
+	encryptionSecret string
+	secretRef        *secretRef
 }
 
 func create(args []string, stdout, stderr io.Writer) error {
@@ -66,6 +70,7 @@ func create(args []string, stdout, stderr io.Writer) error {
 	fl.StringVar(&f.provisioning, "provisioning", string(pool.Thin), "thin (sparse image) or thick (preallocated)")
 	fl.StringVar(&f.reclaimPolicy, "reclaim-policy", "Retain", "persistentVolumeReclaimPolicy: Retain or Delete (Delete lets the external-provisioner delete the volume with the PV)")
 	fl.StringVar(&f.storageClass, "storage-class", "", "storageClassName of the PV (default: none, \"\")")
+	fl.StringVar(&f.encryptionSecret, "encryption-secret", "", "NAMESPACE/NAME of a Secret whose field encryptionKey (32 bytes or more) encrypts the volume with fscrypt (ext4 only); the PV names it as its nodeStageSecretRef (see docs/encryption.md)")
 	fl.StringVar(&f.output, "o", outYAML, "output: yaml (the PV manifest, the handle in a comment), json, or handle (only the volume handle)")
 	fl.StringVar(&f.output, "output", outYAML, "same as -o")
 	pos, err := parse(fl, args)
@@ -169,6 +174,24 @@ func (f *createFlags) check() (*csi.CreateVolumeRequest, error) {
 	if err := oneOf("output", f.output, outYAML, outJSON, outHandle); err != nil {
 		return nil, err
 	}
+	params := map[string]string{driver.ParamPool: f.pools[0].Name, driver.ParamProvisioning: f.provisioning}
+	if f.encryptionSecret != "" {
+		ns, name, ok := strings.Cut(f.encryptionSecret, "/")
+		if !ok {
+			return nil, usagef("--encryption-secret %q: want NAMESPACE/NAME", f.encryptionSecret)
+		}
+		if err := checkObjectName("encryption-secret namespace", ns); err != nil {
+			return nil, err
+		}
+		if err := checkObjectName("encryption-secret name", name); err != nil {
+			return nil, err
+		}
+		if f.fsType != "ext4" {
+			return nil, usagef("--encryption-secret: only ext4 volumes can be encrypted (fscrypt), not --fs %s", f.fsType)
+		}
+		f.secretRef = &secretRef{Name: name, Namespace: ns}
+		params[driver.ParamEncryption] = pool.EncryptionFscrypt
+	}
 	vc := &csi.VolumeCapability{
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 	}
@@ -181,7 +204,7 @@ func (f *createFlags) check() (*csi.CreateVolumeRequest, error) {
 		Name:               f.name,
 		CapacityRange:      &csi.CapacityRange{RequiredBytes: n},
 		VolumeCapabilities: []*csi.VolumeCapability{vc},
-		Parameters:         map[string]string{driver.ParamPool: f.pools[0].Name, driver.ParamProvisioning: f.provisioning},
+		Parameters:         params,
 	}, nil
 }
 
@@ -204,6 +227,7 @@ func (f *createFlags) write(w io.Writer, v *csi.Volume) error {
 	}
 	pv := newPersistentVolume(pvOptions{
 		name: f.pvName, driver: f.driverName, fsType: fsType, reclaimPolicy: f.reclaimPolicy, storageClass: f.storageClass,
+		nodeStageSecret: f.secretRef,
 	}, v)
 	switch f.output {
 	case outHandle:

@@ -109,14 +109,18 @@ func writeList(w io.Writer, output string, vols []*csi.ListVolumesResponse_Entry
 		return enc.Encode(out)
 	}
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "VOLUME HANDLE\tCAPACITY\tPROVISIONING\tATTACHED TO")
+	fmt.Fprintln(tw, "VOLUME HANDLE\tCAPACITY\tPROVISIONING\tENCRYPTION\tATTACHED TO")
 	for _, e := range vols {
 		v := e.GetVolume()
 		attached := strings.Join(e.GetStatus().GetPublishedNodeIds(), ",")
 		if attached == "" {
 			attached = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.GetVolumeId(), size.Format(v.GetCapacityBytes()), v.GetVolumeContext()[driver.ParamProvisioning], attached)
+		enc := v.GetVolumeContext()[driver.ParamEncryption]
+		if enc == "" {
+			enc = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.GetVolumeId(), size.Format(v.GetCapacityBytes()), v.GetVolumeContext()[driver.ParamProvisioning], enc, attached)
 	}
 	return tw.Flush()
 }

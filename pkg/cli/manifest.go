@@ -49,6 +49,13 @@ type csiSource struct {
 	VolumeHandle     string            `json:"volumeHandle"`
 	FSType           string            `json:"fsType,omitempty"`
 	VolumeAttributes map[string]string `json:"volumeAttributes,omitempty"`
+	// NodeStageSecretRef names an encrypted volume's key Secret.
+	NodeStageSecretRef *secretRef `json:"nodeStageSecretRef,omitempty"`
+}
+
+type secretRef struct {
+	Name      string `json:"name"`
+	Namespace string `json:"namespace"`
 }
 
 type nodeAffinity struct {
@@ -76,6 +83,8 @@ type pvOptions struct {
 	fsType        string // "" for a block volume
 	reclaimPolicy string
 	storageClass  string
+	// nodeStageSecret is the Secret of an encrypted volume's key.
+	nodeStageSecret *secretRef
 }
 
 // newPersistentVolume describes v as the external-provisioner would have:
@@ -93,7 +102,8 @@ func newPersistentVolume(o pvOptions, v *csi.Volume) persistentVolume {
 			StorageClassName:              o.storageClass,
 			CSI: csiSource{
 				Driver: o.driver, VolumeHandle: v.GetVolumeId(), FSType: o.fsType,
-				VolumeAttributes: maps.Clone(v.GetVolumeContext()),
+				VolumeAttributes:   maps.Clone(v.GetVolumeContext()),
+				NodeStageSecretRef: o.nodeStageSecret,
 			},
 		},
 	}
@@ -155,6 +165,11 @@ spec:
 {{- range $k, $v := .}}
       {{q $k}}: {{q $v}}
 {{- end}}
+{{- end}}
+{{- with .Spec.CSI.NodeStageSecretRef}}
+    nodeStageSecretRef:
+      name: {{q .Name}}
+      namespace: {{q .Namespace}}
 {{- end}}
 {{- with .Spec.NodeAffinity}}
   nodeAffinity:

@@ -37,6 +37,8 @@ type Snapshot struct {
 	// Snapshots made before they were recorded have neither.
 	AccessType AccessType `json:"accessType,omitempty"`
 	FSType     string     `json:"fsType,omitempty"`
+	// Encryption is the source volume's: the image holds its ciphertext.
+	Encryption *Encryption `json:"encryption,omitempty"`
 
 	token string
 	// charge is what the snapshot counts against the pool's capacity: the
@@ -121,7 +123,7 @@ func (p *Pool) CreateSnapshot(ctx context.Context, req SnapshotRequest) (s Snaps
 	}
 	s = Snapshot{ID: id.String(), Name: req.Name, SourceVolumeID: src.ID, SizeBytes: src.CapacityBytes,
 		CreatedAt: time.Now().UTC(), GroupID: req.GroupID, AccessType: src.AccessType, FSType: src.FSType,
-		token: id.Token}
+		Encryption: src.Encryption.clone(), token: id.Token}
 	start := time.Now()
 	srcImage, err := p.OpenImage(src.token, unix.O_RDONLY)
 	if err != nil {

@@ -48,6 +48,11 @@ func (v *Volume) validate() error {
 	if !knownFSTypes[v.FSType] {
 		errs = append(errs, fmt.Errorf("unknown fsType %q", v.FSType))
 	}
+	if err := v.Encryption.validate(); err != nil {
+		errs = append(errs, err)
+	} else if v.Encryption != nil && (v.AccessType == Block || (v.FSType != "" && v.FSType != "ext4")) {
+		errs = append(errs, fmt.Errorf("encryption on a %s volume of fsType %q: only ext4 filesystem volumes are encrypted", v.AccessType, v.FSType))
+	}
 	if err := checkStoredName(v.Name); err != nil {
 		errs = append(errs, err)
 	}
@@ -81,6 +86,9 @@ func (s *Snapshot) validate() error {
 	}
 	if !knownFSTypes[s.FSType] {
 		errs = append(errs, fmt.Errorf("unknown fsType %q", s.FSType))
+	}
+	if err := s.Encryption.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := checkStoredName(s.Name); err != nil {
 		errs = append(errs, err)

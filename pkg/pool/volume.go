@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/faults"
+	"github.com/spool-csi/spool/pkg/fscrypt"
 	"github.com/spool-csi/spool/pkg/imagecopy"
 	"github.com/spool-csi/spool/pkg/size"
 	"github.com/spool-csi/spool/pkg/volid"
@@ -80,8 +81,54 @@ type Volume struct {
 	// Ephemeral marks a CSI ephemeral inline volume: it lives as long as
 	// its one pod mount.
 	Ephemeral bool `json:"ephemeral,omitempty"`
+	// Encryption, when set, says the volume's files are encrypted at rest
+	// with a key derived from a Secret the pool never sees.
+	Encryption *Encryption `json:"encryption,omitempty"`
 
 	token string
+}
+
+// Encryption is how a volume is encrypted. The salt is not secret: with
+// the master key (from the node-stage Secret) it derives the volume's key.
+// Copies of a volume carry it, so the same Secret unlocks them.
+type Encryption struct {
+	// Mode is EncryptionFscrypt.
+	Mode string `json:"mode"`
+	// Salt is 32 random bytes, hex-encoded.
+	Salt string `json:"salt"`
+}
+
+// EncryptionFscrypt: ext4's native encryption of a directory inside the
+// volume's filesystem (pkg/fscrypt).
+const EncryptionFscrypt = "fscrypt"
+
+// NewEncryption returns the encryption of a new volume, with a new salt.
+func NewEncryption(mode string) (*Encryption, error) {
+	salt, err := fscrypt.NewSalt()
+	if err != nil {
+		return nil, err
+	}
+	return &Encryption{Mode: mode, Salt: salt}, nil
+}
+
+func (e *Encryption) validate() error {
+	switch {
+	case e == nil:
+		return nil
+	case e.Mode != EncryptionFscrypt:
+		return fmt.Errorf("unknown encryption mode %q", e.Mode)
+	case !fscrypt.ValidSalt(e.Salt):
+		return errors.New("malformed encryption salt")
+	}
+	return nil
+}
+
+func (e *Encryption) clone() *Encryption {
+	if e == nil {
+		return nil
+	}
+	c := *e
+	return &c
 }
 
 // Source names what a volume was copied from.
@@ -120,6 +167,7 @@ func (v *Volume) clone() Volume {
 		src := *v.Source
 		c.Source = &src
 	}
+	c.Encryption = v.Encryption.clone()
 	return c
 }
 
@@ -137,6 +185,8 @@ type CreateRequest struct {
 	SourceKind  string
 	SourceToken string
 	Ephemeral   bool
+	// Encryption of a new volume (NewEncryption); a copy has its origin's.
+	Encryption *Encryption
 }
 
 // CreateVolume creates the volume, or returns the existing volume of that
@@ -185,6 +235,7 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 		ID: id.String(), Name: req.Name, CapacityBytes: req.CapacityBytes, Provisioning: req.Provisioning,
 		AccessType: req.AccessType, FSType: req.FSType, Parameters: maps.Clone(req.Parameters),
 		CreatedAt: time.Now().UTC(), Ephemeral: req.Ephemeral, token: id.Token,
+		Encryption: req.Encryption.clone(),
 	}
 	var srcImage *os.File
 	switch req.SourceKind {
@@ -200,6 +251,9 @@ func (p *Pool) CreateVolume(ctx context.Context, req CreateRequest) (v Volume, c
 		}
 		v.Source = &Source{Kind: req.SourceKind, ID: src.id}
 		v.NewFilesystemID = true
+		// The copied bytes are encrypted as their origin's were: the salt
+		// travels with them.
+		v.Encryption = src.enc.clone()
 		srcImage = image
 	default:
 		return Volume{}, false, fmt.Errorf("unknown source kind %q", req.SourceKind)
@@ -534,6 +588,7 @@ func (p *Pool) resizeVolumeImage(token string, n int64, prov Provisioning) error
 type source struct {
 	id   string
 	size int64
+	enc  *Encryption
 }
 
 // sourceFor finds the snapshot or volume to copy and opens its image for
@@ -546,13 +601,13 @@ func (p *Pool) sourceFor(kind, token string) (source, *os.File, error) {
 		if err != nil {
 			return source{}, nil, err
 		}
-		src, rel = source{id: s.ID, size: s.SizeBytes}, filepath.Join(snapshotsDir, token, imageFile)
+		src, rel = source{id: s.ID, size: s.SizeBytes, enc: s.Encryption}, filepath.Join(snapshotsDir, token, imageFile)
 	} else {
 		v, err := p.Get(token)
 		if err != nil {
 			return source{}, nil, err
 		}
-		src = source{id: v.ID, size: v.CapacityBytes}
+		src = source{id: v.ID, size: v.CapacityBytes, enc: v.Encryption}
 	}
 	f, err := p.openImage(rel, unix.O_RDONLY)
 	if err != nil {

@@ -64,6 +64,8 @@ type Volume struct {
 	PublishContext map[string]string
 	Staging        string
 	Target         string
+	// Secrets are passed to NodeStageVolume (an encrypted volume's key).
+	Secrets map[string]string
 }
 
 // Create creates a volume of n bytes and attaches it to node.
@@ -88,7 +90,7 @@ func (c *Client) Create(ctx context.Context, name string, n int64, vc *csi.Volum
 // StageAndPublish stages the volume and publishes it at its target.
 func (c *Client) StageAndPublish(ctx context.Context, v *Volume) error {
 	if _, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{
-		VolumeId: v.ID, StagingTargetPath: v.Staging, VolumeCapability: v.Cap, PublishContext: v.PublishContext,
+		VolumeId: v.ID, StagingTargetPath: v.Staging, VolumeCapability: v.Cap, PublishContext: v.PublishContext, Secrets: v.Secrets,
 	}); err != nil {
 		return fmt.Errorf("NodeStageVolume: %w", err)
 	}
