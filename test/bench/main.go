@@ -176,6 +176,7 @@ func (b *bench) runFigures(ctx context.Context) (failed []string) {
 		{"3", "3. snapshots", b.figureSnapshots},
 		{"4", "4. data path", b.figureDataPath},
 		{"5", "5. scale", b.figureScale},
+		{"6", "6. encryption at rest", b.figureEncryption},
 	}
 	only := strings.Split(b.cfg.only, ",")
 	for _, f := range figures {

@@ -222,7 +222,7 @@ func (b *bench) stageReason(what string, median float64, ref []float64, toolCPU 
 }
 
 func stageRequest(v *csiclient.Volume) *csi.NodeStageVolumeRequest {
-	return &csi.NodeStageVolumeRequest{VolumeId: v.ID, StagingTargetPath: v.Staging, VolumeCapability: v.Cap, PublishContext: v.PublishContext}
+	return &csi.NodeStageVolumeRequest{VolumeId: v.ID, StagingTargetPath: v.Staging, VolumeCapability: v.Cap, PublishContext: v.PublishContext, Secrets: v.Secrets}
 }
 
 func publishRequest(v *csiclient.Volume) *csi.NodePublishVolumeRequest {
