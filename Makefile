@@ -47,7 +47,7 @@ e2e-tools: ## build (or reuse from .cache/e2e) the Kubernetes binaries, etcd and
 e2e: build ## end-to-end scenarios on a single-node Kubernetes started here (root; cold build ~25 min, warm run ~7 min)
 	hack/e2e.sh
 
-e2e-deploy: build ## deploy/single-node, deploy/local and deploy/shared as pods in that cluster, scenarios 1, 3, 4, 5, 8 through them (root)
+e2e-deploy: build ## deploy/single-node, deploy/local and deploy/shared as pods in that cluster, scenarios 1, 3, 4, 5, 8, 12 through them (root)
 	hack/e2e.sh --deploy
 
 e2e-external: build ## the Kubernetes external storage e2e suite against Spool (root; builds e2e.test once)

@@ -539,8 +539,12 @@ func (d *Controller) ValidateVolumeCapabilities(_ context.Context, req *csi.Vali
 			return &csi.ValidateVolumeCapabilitiesResponse{Message: "volume " + id + " was created for " + string(v.AccessType) + " access " + v.FSType}, nil
 		}
 	}
-	if _, err := parseParams(req.GetParameters()); err != nil {
+	prm, err := parseParams(req.GetParameters())
+	if err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	if prm.encryption != "" && v.Encryption == nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: "volume " + id + " is not encrypted"}, nil
 	}
 	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
 		VolumeContext:      req.GetVolumeContext(),

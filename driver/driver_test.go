@@ -283,8 +283,12 @@ func TestNodeFilesystemLifecycle(t *testing.T) {
 	}
 	_, err = d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: filepath.Join(dir, "elsewhere")})
 	wantCode(t, err, codes.NotFound)
+	before := len(k.mounts)
 	_, err = d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
 	wantCode(t, err, codes.FailedPrecondition) // still published
+	if len(k.mounts) != before {
+		t.Fatalf("a refused unstage unmounted something: %v", k.mounts)
+	}
 	_, err = d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
 	wantCode(t, err, codes.FailedPrecondition)
 	for range 2 {
@@ -417,6 +421,13 @@ func TestNodeBlockLifecycle(t *testing.T) {
 	st, err := d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
 	if err != nil || st.GetUsage()[0].GetTotal() != 64<<20 {
 		t.Fatalf("block stats: %v %v", st, err)
+	}
+	// Unstage while published is refused and takes nothing away.
+	before := len(k.mounts)
+	_, err = d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+	wantCode(t, err, codes.FailedPrecondition)
+	if len(k.mounts) != before {
+		t.Fatalf("a refused unstage unmounted something: %v", k.mounts)
 	}
 	if _, err := d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
 		t.Fatal(err)

@@ -60,6 +60,15 @@ func TestCreateEncryptedVolume(t *testing.T) {
 	if err != nil || v.Encryption == nil || len(v.Encryption.Salt) != 64 {
 		t.Fatalf("metadata: %+v, %v", v.Encryption, err)
 	}
+	// Capabilities with encryption are confirmed for an encrypted volume
+	// only.
+	plainR, _ := d.CreateVolume(ctx, createReq("plain-vvc", 64<<20, mountCap("ext4")))
+	for vid, want := range map[string]bool{id: true, plainR.GetVolume().GetVolumeId(): false} {
+		vr, err := d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: vid, VolumeCapabilities: []*csi.VolumeCapability{mountCap("ext4")}, Parameters: encParams})
+		if err != nil || (vr.GetConfirmed() != nil) != want {
+			t.Fatalf("ValidateVolumeCapabilities of %s with encryption: %v, %v; want confirmed %t", vid, vr, err, want)
+		}
+	}
 	// The same name without encryption is another volume.
 	_, err = d.CreateVolume(ctx, createReq("enc", 64<<20, mountCap("ext4")))
 	wantCode(t, err, codes.AlreadyExists)

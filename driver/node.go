@@ -603,6 +603,13 @@ func (d *Node) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRe
 			return nil, err
 		}
 	}
+	// Nothing is taken from under a pod: a volume still published keeps
+	// its staging mount (and an encrypted one its key).
+	if nv.dev != nil {
+		if users := slices.DeleteFunc(deviceUsers(mounts, nv.dev), func(p string) bool { return p == staging || p == marker }); len(users) > 0 {
+			return nil, preconditionf("volume %s is still published at %v: NodeUnpublishVolume it first", id, users)
+		}
+	}
 	for _, target := range []string{marker, staging} {
 		m, ok := fs.MountAt(mounts, target)
 		if !ok {
@@ -612,9 +619,6 @@ func (d *Node) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRe
 			return nil, preconditionf("%s holds a mount that is not volume %s", target, id)
 		}
 		if target == staging {
-			if users := deviceUsers(mounts, nv.dev); len(users) > 1 {
-				return nil, preconditionf("volume %s is still published at %v: NodeUnpublishVolume it first", id, slices.DeleteFunc(users, func(p string) bool { return p == staging }))
-			}
 			d.lock(nv.vol, staging)
 		}
 		if err := d.kernel.Mounter.Unmount(target); err != nil {

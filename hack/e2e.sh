@@ -6,7 +6,7 @@
 # With --deploy (make e2e-deploy) Spool runs in the cluster from deploy/
 # instead: each flavour (single-node, local, then shared) is applied unchanged, with
 # images made here under the names the manifests use, and scenarios 1, 3, 4,
-# 5 and 8 run through the in-cluster driver.
+# 5, 8 and 12 run through the in-cluster driver.
 #
 # With --external (make e2e-external) it runs the Kubernetes external storage
 # e2e suite (e2e.test, in 8 parallel ginkgo processes) against each flavour
@@ -36,7 +36,7 @@ case "${1:-}" in
   --flavours) DEPLOY=true; EXTERNAL=true; shift ;;
 esac
 # The scenarios make e2e-deploy runs through each flavour.
-DEPLOY_TESTS='TestDynamicProvisioningImmediate|TestPreProvisionedVolume|TestAttach|TestRawBlock|TestSnapshotRestoreClone'
+DEPLOY_TESTS='TestDynamicProvisioningImmediate|TestPreProvisionedVolume|TestAttach|TestRawBlock|TestSnapshotRestoreClone|TestEncryption'
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 

@@ -103,6 +103,15 @@ call as the client sees it, gRPC included (see the Probe round trip).
    answering ready; the bench dials as soon as the socket exists and polls
    every millisecond. After each start, %[14]d full ListVolumes walks with
    max_entries %[15]d, then VmRSS from /proc/PID/status.
+6. **Encryption at rest**: %[5]d rounds, each creating an encrypted
+   (encryption: fscrypt) and a plain 64 MiB ext4 volume and timing the first
+   stage and, after an unstage, the restage of each. Then an encrypted and a
+   plain volume of %[9]d MiB are published and dd (bs=1M, %[8]d MiB) writes
+   (conv=fsync, overwriting) and reads a file in each, %[10]d rounds, the page
+   cache dropped before every run, alternating which goes first. dd uses
+   buffered I/O: fscrypt serves O_DIRECT through the page cache unless the
+   block device has inline encryption, so both sides are measured alike.
+   The kernel's AES implementation is named in /proc/crypto (xts(aes)).
 
 The driver's peak RSS is the highest VmHWM of any driver process of the run,
 read just before it was stopped.

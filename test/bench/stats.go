@@ -37,6 +37,7 @@ var (
 	mibRate = kind{format: unitf("%.0f MiB/s"), higherIsBetter: true}
 	iops    = kind{format: unitf("%.0f IOPS"), higherIsBetter: true}
 	memory  = kind{format: formatMiB}
+	percent = kind{format: unitf("%.0f%%")}
 )
 
 // slowSide returns the quantile shown in the "p90" column: the 90th

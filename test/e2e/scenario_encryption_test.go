@@ -13,7 +13,7 @@ import (
 	"testing"
 )
 
-// Scenario 9: encryption at rest. A Secret and a StorageClass with
+// Scenario 12: encryption at rest. A Secret and a StorageClass with
 // encryption: fscrypt that names it; a pod writes, a second pod reads back;
 // the volume's image on the node holds neither the file's content nor its
 // name; a snapshot restored with the same class reads back.

@@ -32,14 +32,22 @@ func requireMkfs(t *testing.T, fsType string) {
 // publishes it.
 func (e *env) publishNew(c context.Context, name string, n int64, vc *csi.VolumeCapability, src *csi.VolumeContentSource) *csiclient.Volume {
 	e.t.Helper()
+	v, _ := e.publishNewWith(c, name, n, vc, src, nil, nil)
+	return v
+}
+
+// publishNewWith is publishNew with StorageClass parameters and node-stage
+// secrets; it also returns the created volume.
+func (e *env) publishNewWith(c context.Context, name string, n int64, vc *csi.VolumeCapability, src *csi.VolumeContentSource, params, secrets map[string]string) (*csiclient.Volume, *csi.Volume) {
+	e.t.Helper()
 	cv, err := e.c.CreateVolume(c, &csi.CreateVolumeRequest{
 		Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: n},
-		VolumeCapabilities: []*csi.VolumeCapability{vc}, VolumeContentSource: src,
+		VolumeCapabilities: []*csi.VolumeCapability{vc}, VolumeContentSource: src, Parameters: params,
 	})
 	if err != nil {
 		e.t.Fatalf("CreateVolume %s: %v", name, err)
 	}
-	v := &csiclient.Volume{ID: cv.GetVolume().GetVolumeId(), Cap: vc,
+	v := &csiclient.Volume{ID: cv.GetVolume().GetVolumeId(), Cap: vc, Secrets: secrets,
 		Staging: filepath.Join(e.dir, name+"-staging"), Target: filepath.Join(e.dir, name+"-target")}
 	e.cleanupVolume(v)
 	pub, err := e.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: v.ID, NodeId: node, VolumeCapability: vc})
@@ -50,7 +58,7 @@ func (e *env) publishNew(c context.Context, name string, n int64, vc *csi.Volume
 	if err := e.c.StageAndPublish(c, v); err != nil {
 		e.t.Fatalf("staging %s: %v", name, err)
 	}
-	return v
+	return v, cv.GetVolume()
 }
 
 func (e *env) snapshot(c context.Context, name, volID string) *csi.Snapshot {

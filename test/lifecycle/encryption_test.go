@@ -171,30 +171,23 @@ func TestEncryptedVolume(t *testing.T) {
 		t.Fatalf("read back %q", got)
 	}
 
-	// Copies carry the salt: the same Secret opens them.
+	// Copies carry the salt: the same Secret opens them. A restore asks for
+	// encryption, a clone does not: both are encrypted.
 	snap := e.snapshot(c, "enc-snap", v.ID)
-	restoredCV, err := e.c.CreateVolume(c, &csi.CreateVolumeRequest{Name: "enc-restored", VolumeCapabilities: []*csi.VolumeCapability{v.Cap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, Parameters: encrypted,
-		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshotId()}}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if restoredCV.GetVolume().GetVolumeContext()[driver.ParamEncryption] != pool.EncryptionFscrypt {
-		t.Fatalf("restored volume context %v", restoredCV.GetVolume().GetVolumeContext())
-	}
-	restored := &csiclient.Volume{ID: restoredCV.GetVolume().GetVolumeId(), Cap: v.Cap, Secrets: rightKey,
-		Staging: filepath.Join(e.dir, "restored-staging"), Target: filepath.Join(e.dir, "restored-target")}
-	e.cleanupVolume(restored)
-	pub, err := e.c.ControllerPublishVolume(c, &csi.ControllerPublishVolumeRequest{VolumeId: restored.ID, NodeId: node, VolumeCapability: v.Cap})
-	if err != nil {
-		t.Fatal(err)
-	}
-	restored.PublishContext = pub.GetPublishContext()
-	if err := e.c.StageAndPublish(c, restored); err != nil {
-		t.Fatal(err)
-	}
-	if got := mustRead(t, filepath.Join(restored.Target, name)); !bytes.Equal(got, content) {
-		t.Fatalf("restore read back %q", got)
+	restored, cv := e.publishNewWith(c, "enc-restored", 64<<20, v.Cap,
+		&csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshotId()}}}, encrypted, rightKey)
+	clone, ccv := e.publishNewWith(c, "enc-clone", 32<<20, v.Cap,
+		&csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: v.ID}}}, nil, rightKey)
+	for _, copied := range []struct {
+		v  *csiclient.Volume
+		cv *csi.Volume
+	}{{restored, cv}, {clone, ccv}} {
+		if copied.cv.GetVolumeContext()[driver.ParamEncryption] != pool.EncryptionFscrypt {
+			t.Fatalf("%s: volume context %v, want encryption", copied.v.ID, copied.cv.GetVolumeContext())
+		}
+		if got := mustRead(t, filepath.Join(copied.v.Target, name)); !bytes.Equal(got, content) {
+			t.Fatalf("%s read back %q", copied.v.ID, got)
+		}
 	}
 	if statfsTotal(t, restored.Target) < 48<<20 {
 		t.Fatalf("the restore of 64 MiB holds a filesystem of %d bytes", statfsTotal(t, restored.Target))
