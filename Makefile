@@ -20,13 +20,15 @@ all: build
 build: ## bin/spool
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/spool ./cmd/spool
 
-test: ## unit tests, in-process csi-sanity and the data lifecycle tests (root for the last two)
-	$(GO) test -count=1 ./...
+test: ## unit tests, in-process csi-sanity and the data lifecycle tests (root for the last two); ends with what it skipped
+	GO=$(GO) hack/test.sh
 
 test-race: ## unit and in-process sanity tests with the race detector
+	hack/need.sh test
 	$(GO) test -race -count=1 ./pkg/... ./driver/... ./sanity/...
 
 test-faults: ## kill the driver at every fault point and 200 random moments, restart, retry, check (root)
+	hack/need.sh run
 	$(GO) test -tags faults -count=1 -timeout 20m -v ./test/faults 2>&1 | grep -E '^(=== RUN|--- |PASS|FAIL|ok|fault injection:|\s+faults_test.go)'; exit $${PIPESTATUS[0]}
 
 test-unit: ## only the tests that need no root
@@ -39,30 +41,38 @@ $(CSI_SANITY):
 	mv $@.tmp $@
 
 sanity: build $(CSI_SANITY) ## the csi-sanity binary against bin/spool
+	hack/need.sh sanity
 	CSI_SANITY=$(CSI_SANITY) hack/sanity.sh
 
 e2e-tools: ## build (or reuse from .cache/e2e) the Kubernetes binaries, etcd and the CSI sidecars
 	hack/e2e-tools.sh
 
 e2e: build ## end-to-end scenarios on a single-node Kubernetes started here (root; cold build ~25 min, warm run ~7 min)
+	hack/need.sh e2e
 	hack/e2e.sh
 
 e2e-deploy: build ## deploy/single-node, deploy/local and deploy/shared as pods in that cluster, scenarios 1, 3, 4, 5, 8, 12 through them (root)
+	hack/need.sh e2e
 	hack/e2e.sh --deploy
 
 e2e-external: build ## the Kubernetes external storage e2e suite against Spool (root; builds e2e.test once)
+	hack/need.sh e2e
 	hack/e2e.sh --external
 
 e2e-flavours: build ## e2e-deploy and e2e-external together, one cluster per flavour (root; what .ci/run runs)
+	hack/need.sh e2e
 	hack/e2e.sh --flavours
 
 run: build ## start the driver on a temp pool, walk one volume through its life, keep serving
+	hack/need.sh run
 	hack/run.sh
 
 demo: build ## the walk of `make run`, then stop
+	hack/need.sh run
 	hack/run.sh --once
 
 bench: build ## benchmark bin/spool and write docs/performance.md (root, a few minutes)
+	hack/need.sh bench
 	hack/bench.sh
 
 fmt:
