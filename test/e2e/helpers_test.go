@@ -488,3 +488,17 @@ func poolFree() (int64, error) {
 	}
 	return total, nil
 }
+
+// snapshotClaim takes a VolumeSnapshot of the claim with the deploy's
+// VolumeSnapshotClass and waits until it is ready to use.
+func snapshotClaim(t *testing.T, ns, name, claim string) {
+	t.Helper()
+	apply(t, fmt.Sprintf(`apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: %s, namespace: %s}
+spec:
+  volumeSnapshotClassName: spool-snapshots
+  source: {persistentVolumeClaimName: %s}
+`, name, ns, claim))
+	waitJSONPath(t, ns, "volumesnapshot/"+name, ".status.readyToUse", "true")
+}

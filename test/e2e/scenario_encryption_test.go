@@ -63,14 +63,7 @@ parameters:
 		t.Fatal("the image of an encrypted volume holds the plaintext of a file or its name")
 	}
 
-	apply(t, fmt.Sprintf(`apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: snap, namespace: %s}
-spec:
-  volumeSnapshotClassName: spool-snapshots
-  source: {persistentVolumeClaimName: src}
-`, ns))
-	waitJSONPath(t, ns, "volumesnapshot/snap", ".status.readyToUse", "true")
+	snapshotClaim(t, ns, "snap", "src")
 	apply(t, pvc(ns, pvcSpec{name: "restored", class: class, size: "64Mi",
 		dataSource: "    apiGroup: snapshot.storage.k8s.io\n    kind: VolumeSnapshot\n    name: snap\n"}))
 	out = runPod(t, ns, "restore-reader", "restored", fmt.Sprintf("set -e; cat /data/%s; echo; %s", name, readScript("/data/file")), false, false)

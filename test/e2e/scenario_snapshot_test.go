@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"fmt"
 	"testing"
 )
 
@@ -15,14 +14,7 @@ func TestSnapshotRestoreClone(t *testing.T) {
 	apply(t, pvc(ns, pvcSpec{name: "src", class: "spool-ext4", size: "64Mi"}))
 	sum := checksum(t, runPod(t, ns, "writer", "src", writeScript("/data/file", 8), false, false))
 
-	apply(t, fmt.Sprintf(`apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: snap, namespace: %s}
-spec:
-  volumeSnapshotClassName: spool-snapshots
-  source: {persistentVolumeClaimName: src}
-`, ns))
-	waitJSONPath(t, ns, "volumesnapshot/snap", ".status.readyToUse", "true")
+	snapshotClaim(t, ns, "snap", "src")
 	// The source changes after the snapshot: the restore must not see it.
 	runPod(t, ns, "overwrite", "src", "echo changed > /data/file; sync", false, false)
 
