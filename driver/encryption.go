@@ -3,12 +3,11 @@ package driver
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
-	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -84,7 +83,9 @@ func stageKey(v pool.Volume, secrets map[string]string) (fscrypt.Key, error) {
 		slices.Sort(fields)
 		return nil, invalidf("volume %s is encrypted and NodeStageVolume got no node-stage Secret field %q (fields given: %v): name a Secret holding it with the StorageClass parameters csi.storage.k8s.io/node-stage-secret-name and csi.storage.k8s.io/node-stage-secret-namespace", v.ID, SecretEncryptionKey, fields)
 	}
-	key, err := fscrypt.DeriveKey([]byte(master), v.Encryption.Salt)
+	mb := []byte(master)
+	defer clear(mb)
+	key, err := fscrypt.DeriveKey(mb, v.Encryption.Salt)
 	if errors.Is(err, fscrypt.ErrShortKey) {
 		return nil, invalidf("volume %s: the node-stage Secret field %q holds %d bytes of key material; at least %d are needed", v.ID, SecretEncryptionKey, len(master), fscrypt.MinMasterKeyBytes)
 	}
@@ -144,24 +145,15 @@ func publishSource(v pool.Volume, staging string) (string, error) {
 		return staging, nil
 	}
 	dir := filepath.Join(staging, encryptedDir)
-	fi, err := os.Lstat(dir)
-	if err != nil {
+	var d, root unix.Stat_t
+	if err := unix.Lstat(dir, &d); err != nil {
 		return "", preconditionf("volume %s is encrypted but its staged filesystem has no directory %s: NodeStageVolume it again: %v", v.ID, encryptedDir, err)
 	}
-	root, err := os.Stat(staging)
-	if err != nil {
+	if err := unix.Stat(staging, &root); err != nil {
 		return "", fmt.Errorf("stat %s: %w", staging, err)
 	}
-	if !fi.IsDir() || devOf(fi) != devOf(root) {
+	if d.Mode&unix.S_IFMT != unix.S_IFDIR || d.Dev != root.Dev {
 		return "", preconditionf("volume %s: %s in its filesystem is not a directory of it", v.ID, encryptedDir)
 	}
 	return dir, nil
-}
-
-// devOf is the device a file is on.
-func devOf(fi os.FileInfo) uint64 {
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		return st.Dev
-	}
-	return 0
 }

@@ -137,15 +137,27 @@ func TestSecretsNeverLogged(t *testing.T) {
 			t.Errorf("call %d: the error holds the secret: %v", i, err)
 		}
 	}
-	// Nothing in the pool holds it either (the salt is not a secret).
-	_ = filepath.WalkDir(filepath.Join(dir, "pool"), func(p string, e iofs.DirEntry, err error) error {
-		if err == nil && e.Type().IsRegular() {
-			if b, _ := os.ReadFile(p); bytes.Contains(b, []byte(marker)) {
-				t.Errorf("%s holds the secret", p)
-			}
+	// Nothing in the pool holds it either (the salt is not a secret). The
+	// encrypted volume's metadata must be among the files read, or the
+	// walk proves nothing.
+	sawMeta := false
+	err = filepath.WalkDir(filepath.Join(dir, "pool"), func(p string, e iofs.DirEntry, err error) error {
+		if err != nil || !e.Type().IsRegular() {
+			return err
 		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		if bytes.Contains(b, []byte(marker)) {
+			t.Errorf("%s holds the secret", p)
+		}
+		sawMeta = sawMeta || bytes.Contains(b, []byte(`"salt"`))
 		return nil
 	})
+	if err != nil || !sawMeta {
+		t.Errorf("walking the pool: %v; an encrypted volume's metadata read: %t", err, sawMeta)
+	}
 	klog.Flush()
 	log := buf.String()
 	if strings.Contains(log, marker) {

@@ -186,9 +186,6 @@ func (f *createFlags) check() (*csi.CreateVolumeRequest, error) {
 		if err := checkObjectName("encryption-secret name", name); err != nil {
 			return nil, err
 		}
-		if f.fsType != "ext4" {
-			return nil, usagef("--encryption-secret: only ext4 volumes can be encrypted (fscrypt), not --fs %s", f.fsType)
-		}
 		f.secretRef = &secretRef{Name: name, Namespace: ns}
 		params[driver.ParamEncryption] = pool.EncryptionFscrypt
 	}

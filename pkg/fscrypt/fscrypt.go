@@ -17,7 +17,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -185,23 +184,6 @@ func Lock(root, dir string) (id Identifier, busy bool, err error) {
 	return id, busy, err
 }
 
-// KeyStatus reports whether the key id is in the keyring of the filesystem
-// mounted at root.
-func KeyStatus(root string, id Identifier) (present bool, err error) {
-	f, err := os.Open(root)
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	var arg unix.FscryptGetKeyStatusArg
-	arg.Key_spec.Type = unix.FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
-	copy(arg.Key_spec.U[:], id[:])
-	if err := ioctl(int(f.Fd()), unix.FS_IOC_GET_ENCRYPTION_KEY_STATUS, unsafe.Pointer(&arg)); err != nil {
-		return false, fmt.Errorf("FS_IOC_GET_ENCRYPTION_KEY_STATUS: %w", unsupported(err))
-	}
-	return arg.Status == unix.FSCRYPT_KEY_STATUS_PRESENT, nil
-}
-
 // addKey adds key to the filesystem of fd and returns its identifier.
 func addKey(fd int, key Key) (Identifier, error) {
 	var id Identifier
@@ -238,9 +220,6 @@ func removeKey(fd int, id Identifier) (busy bool, err error) {
 	return arg.Removal_status_flags&unix.FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY != 0, nil
 }
 
-// policyV2 is struct fscrypt_policy_v2.
-type policyV2 = unix.FscryptPolicyV2
-
 // policyOf returns the identifier of the key a directory is encrypted
 // with; encrypted is false when it has no policy.
 func policyOf(fd int) (id Identifier, encrypted bool, err error) {
@@ -256,7 +235,7 @@ func policyOf(fd int) (id Identifier, encrypted bool, err error) {
 	if arg.Policy[0] != unix.FSCRYPT_POLICY_V2 {
 		return id, true, fmt.Errorf("%w: the directory has a version %d policy, not Spool's version 2", ErrWrongKey, arg.Policy[0])
 	}
-	p := (*policyV2)(unsafe.Pointer(&arg.Policy[0]))
+	p := (*unix.FscryptPolicyV2)(unsafe.Pointer(&arg.Policy[0]))
 	return Identifier(p.Master_key_identifier), true, nil
 }
 
@@ -264,7 +243,7 @@ func policyOf(fd int) (id Identifier, encrypted bool, err error) {
 // for contents, AES-256-CTS for names (the kernel's recommended default),
 // names padded to 32 bytes so that their lengths say less.
 func setPolicy(fd int, id Identifier) error {
-	p := policyV2{
+	p := unix.FscryptPolicyV2{
 		Version:                   unix.FSCRYPT_POLICY_V2,
 		Contents_encryption_mode:  unix.FSCRYPT_MODE_AES_256_XTS,
 		Filenames_encryption_mode: unix.FSCRYPT_MODE_AES_256_CTS,

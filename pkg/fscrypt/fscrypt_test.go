@@ -3,11 +3,13 @@ package fscrypt
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -113,7 +115,7 @@ func TestUnlockLock(t *testing.T) {
 	if again, err := Unlock(mnt, "data", right, true); err != nil || again != id {
 		t.Fatalf("unlocking an unlocked directory again: %v, %v", again, err)
 	}
-	if present, err := KeyStatus(mnt, id); err != nil || !present {
+	if present, err := keyStatus(mnt, id); err != nil || !present {
 		t.Fatalf("key status after unlock: %v, %v", present, err)
 	}
 	// Files are closed and synced: the kernel can evict them.
@@ -122,7 +124,7 @@ func TestUnlockLock(t *testing.T) {
 	if err != nil || busy || got != id {
 		t.Fatalf("Lock: %v, busy %v, %v", got, busy, err)
 	}
-	if present, err := KeyStatus(mnt, id); err != nil || present {
+	if present, err := keyStatus(mnt, id); err != nil || present {
 		t.Fatalf("key status after lock: %v, %v", present, err)
 	}
 	names, err := os.ReadDir(filepath.Join(mnt, "data"))
@@ -153,7 +155,7 @@ func TestUnlockLock(t *testing.T) {
 	if _, _, err := Lock(mnt, "data"); err != nil {
 		t.Fatal(err)
 	}
-	if present, _ := KeyStatus(mnt, wrongID); present {
+	if present, _ := keyStatus(mnt, wrongID); present {
 		t.Fatal("a wrong key stayed in the keyring")
 	}
 }
@@ -203,4 +205,21 @@ func TestUnlockRefuses(t *testing.T) {
 	if _, err := Unlock(plain, "data", k, true); !errors.Is(err, ErrUnsupported) {
 		t.Fatalf("ext4 without the encrypt feature: %v", err)
 	}
+}
+
+// keyStatus reports whether the key id is in the keyring of the filesystem
+// mounted at root.
+func keyStatus(root string, id Identifier) (present bool, err error) {
+	f, err := os.Open(root)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	var arg unix.FscryptGetKeyStatusArg
+	arg.Key_spec.Type = unix.FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
+	copy(arg.Key_spec.U[:], id[:])
+	if err := ioctl(int(f.Fd()), unix.FS_IOC_GET_ENCRYPTION_KEY_STATUS, unsafe.Pointer(&arg)); err != nil {
+		return false, fmt.Errorf("FS_IOC_GET_ENCRYPTION_KEY_STATUS: %w", unsupported(err))
+	}
+	return arg.Status == unix.FSCRYPT_KEY_STATUS_PRESENT, nil
 }

@@ -85,12 +85,13 @@ func (b *bench) encryptedDataPath(ctx context.Context, dir string) (err error) {
 	size := int64(b.cfg.dataMiB) << 20
 	var files [2]string
 	for k, params := range []map[string]string{encryptedParams, nil} {
-		v, err := b.c.Create(ctx, fmt.Sprintf("enc-data-%d", k), 2*size, csiclient.MountCap("ext4"), params, nodeID, dir)
+		// cerr, not err: the deferred discard reports into the named result.
+		v, cerr := b.c.Create(ctx, fmt.Sprintf("enc-data-%d", k), 2*size, csiclient.MountCap("ext4"), params, nodeID, dir)
 		if v != nil {
 			defer func() { err = errors.Join(err, discard(b.c, v)) }()
 		}
-		if err != nil {
-			return err
+		if cerr != nil {
+			return cerr
 		}
 		v.Secrets = benchKey
 		if err := b.c.StageAndPublish(ctx, v); err != nil {
