@@ -191,7 +191,8 @@ type core struct {
 	metrics     *metrics.Metrics
 }
 
-// Controller serves the CSI controller and group controller services. It
+// Controller serves the CSI controller, group controller and snapshot
+// metadata services. It
 // works on pool files alone and has no kernel interface: its volumes'
 // filesystems are mounted by node plugins, in other mount namespaces and
 // usually on other nodes, and its container may open no loop device
@@ -199,6 +200,7 @@ type core struct {
 type Controller struct {
 	csi.UnimplementedControllerServer
 	csi.UnimplementedGroupControllerServer
+	csi.UnimplementedSnapshotMetadataServer
 	*core
 	// local is the node service of the same process (--mode=all, or the
 	// operator commands with a kernel), nil in a controller-only process:
@@ -371,7 +373,7 @@ func (d *Driver) MetricsAddr() string {
 // Serve serves the CSI services on lis until ctx is cancelled, then waits
 // for running calls and removes the socket.
 func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
-	d.server = grpc.NewServer(grpc.UnaryInterceptor(d.intercept),
+	d.server = grpc.NewServer(grpc.UnaryInterceptor(d.intercept), grpc.StreamInterceptor(d.interceptStream),
 		// CSI requests are small (the largest carry a few secrets and
 		// parameters): a request beyond 1 MiB is refused unread, and a
 		// caller cannot open streams without bound.
@@ -381,6 +383,7 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 	if d.Controller != nil {
 		csi.RegisterControllerServer(d.server, d.Controller)
 		csi.RegisterGroupControllerServer(d.server, d.Controller)
+		csi.RegisterSnapshotMetadataServer(d.server, d.Controller)
 	}
 	if d.Node != nil {
 		csi.RegisterNodeServer(d.server, d.Node)

@@ -28,7 +28,8 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 		}}},
 	}
 	if d.opts.serves(ModeController) {
-		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE), svc(csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE))
+		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE), svc(csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE),
+			svc(csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE))
 	}
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: caps}, nil
 }

@@ -38,6 +38,44 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	return resp, nil
 }
 
+// interceptStream does for streaming calls (the SnapshotMetadata service)
+// what intercept does for unary ones: the request is logged as it is
+// received, the outcome when the stream ends.
+func (d *Driver) interceptStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	start := time.Now()
+	err := handler(srv, &loggedStream{ServerStream: ss, method: info.FullMethod})
+	if err != nil {
+		err = toStatus(err)
+	}
+	d.metrics.ObserveRequest(info.FullMethod, status.Code(err).String(), time.Since(start))
+	if err != nil {
+		st, _ := status.FromError(err)
+		lvl := klog.Level(2)
+		if st.Code() == codes.Internal || st.Code() == codes.Unknown {
+			lvl = 0
+		}
+		klog.V(lvl).InfoS("CSI call failed", "method", info.FullMethod, "code", st.Code().String(), "message", st.Message(), "duration", time.Since(start))
+		return err
+	}
+	klog.V(4).InfoS("CSI stream done", "method", info.FullMethod, "duration", time.Since(start))
+	return nil
+}
+
+// loggedStream logs the requests a streaming call receives, secrets
+// stripped.
+type loggedStream struct {
+	grpc.ServerStream
+	method string
+}
+
+func (s *loggedStream) RecvMsg(m any) error {
+	err := s.ServerStream.RecvMsg(m)
+	if err == nil {
+		klog.V(4).InfoS("CSI request", "method", s.method, "request", protosanitizer.StripSecrets(m))
+	}
+	return err
+}
+
 // ToStatus maps an error of a handler to its gRPC status, in one place (the
 // interceptor, and the offline controller of `spool volume`): errors that
 // carry a status keep it; the error kinds of the packages below the driver

@@ -217,6 +217,22 @@ func (p *Pool) GetSnapshot(token string) (Snapshot, error) {
 	return *s, nil
 }
 
+// OpenSnapshotImage returns the snapshot with this token and its image,
+// opened read-only beneath the pool root and checked like every image. The
+// caller reads the image through the returned file and closes it; a
+// snapshot deleted meanwhile stays readable through it.
+func (p *Pool) OpenSnapshotImage(token string) (Snapshot, *os.File, error) {
+	s, err := p.GetSnapshot(token)
+	if err != nil {
+		return Snapshot{}, nil, err
+	}
+	f, err := p.openImage(filepath.Join(snapshotsDir, token, imageFile), unix.O_RDONLY)
+	if err != nil {
+		return Snapshot{}, nil, fmt.Errorf("snapshot %s: %w", s.ID, err)
+	}
+	return s, f, nil
+}
+
 // GetSnapshotByName returns the snapshot with this name, if any.
 func (p *Pool) GetSnapshotByName(name string) (Snapshot, bool) {
 	p.refreshSnapshots()
