@@ -16,11 +16,12 @@ import (
 	"github.com/spool-csi/spool/driver"
 )
 
-// Client holds the three CSI clients of one connection.
+// Client holds the CSI clients of one connection.
 type Client struct {
 	csi.IdentityClient
 	csi.ControllerClient
 	csi.NodeClient
+	csi.SnapshotMetadataClient
 	conn *grpc.ClientConn
 }
 
@@ -31,10 +32,11 @@ func Dial(endpoint string) (*Client, error) {
 		return nil, fmt.Errorf("connecting to %s: %w", endpoint, err)
 	}
 	return &Client{
-		IdentityClient:   csi.NewIdentityClient(conn),
-		ControllerClient: csi.NewControllerClient(conn),
-		NodeClient:       csi.NewNodeClient(conn),
-		conn:             conn,
+		IdentityClient:         csi.NewIdentityClient(conn),
+		ControllerClient:       csi.NewControllerClient(conn),
+		NodeClient:             csi.NewNodeClient(conn),
+		SnapshotMetadataClient: csi.NewSnapshotMetadataClient(conn),
+		conn:                   conn,
 	}, nil
 }
 
