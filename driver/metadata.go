@@ -12,6 +12,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/spool-csi/spool/pkg/extents"
+	"github.com/spool-csi/spool/pkg/imagecopy"
 	"github.com/spool-csi/spool/pkg/pool"
 	"github.com/spool-csi/spool/pkg/volid"
 )
@@ -98,7 +99,11 @@ func (d *Controller) GetMetadataDelta(req *csi.GetMetadataDeltaRequest, stream c
 			BlockMetadata:       list,
 		})
 	}}
-	st, err := extents.Delta(ctx, baseImg, targetImg, base.SizeBytes, target.SizeBytes, from, out.add)
+	// Snapshots that are both reflinks of the volume's image differ where
+	// their extents do; copies are compared (pkg/extents).
+	reflinks := base.Method == string(imagecopy.Reflink) && target.Method == string(imagecopy.Reflink)
+	st, err := extents.Delta(ctx, baseImg, targetImg, base.SizeBytes, target.SizeBytes, from,
+		extents.DeltaOptions{TrustExtents: reflinks}, out.add)
 	if err == nil {
 		err = out.close()
 	}

@@ -220,6 +220,19 @@ func Allocated(ctx context.Context, f *os.File, from, size int64, emit func(Rang
 	return c.flush()
 }
 
+// DeltaOptions tune Delta.
+type DeltaOptions struct {
+	// TrustExtents reports data that the two images map to different
+	// physical blocks as changed without reading it. Set it when both
+	// images are reflinks of one origin (snapshots of one volume on a pool
+	// that reflinks): a block that differs physically was written between
+	// them, so reading only confirms it, at the cost of two reads per
+	// changed block. A block rewritten with the bytes it had is then
+	// reported too. Data without a physical address (compressed, inline)
+	// is still compared.
+	TrustExtents bool
+}
+
 // Delta calls emit, in ascending order and merged where adjacent, for
 // BlockSize-aligned ranges within [from, targetSize) that together cover
 // every byte where target differs from base, base reading as zeros past
@@ -229,11 +242,11 @@ func Allocated(ctx context.Context, f *os.File, from, size int64, emit func(Rang
 //
 // Ranges both images map to the same physical blocks (a reflinked snapshot,
 // not written since) are unchanged without being read; holes in both are
-// unchanged; everything else is read from both and compared block by block,
-// so only blocks whose bytes differ are reported. On a pool that reflinks,
-// that reads only what was written between the two snapshots; on one that
-// copies (ext4), it reads the data of both images.
-func Delta(ctx context.Context, base, target *os.File, baseSize, targetSize, from int64, emit func(Range) error) (Stats, error) {
+// unchanged. The rest is read from both and compared block by block, so
+// that only blocks whose bytes differ are reported, unless opts.TrustExtents
+// says that differing physical blocks are changes. On a pool that copies
+// (ext4), that reads the data of both images.
+func Delta(ctx context.Context, base, target *os.File, baseSize, targetSize, from int64, opts DeltaOptions, emit func(Range) error) (Stats, error) {
 	var st Stats
 	bw, tw := newWalker(base, min(baseSize, targetSize)), newWalker(target, targetSize)
 	d := &differ{ctx: ctx, base: base, target: target, baseSize: baseSize, targetSize: targetSize,
@@ -285,9 +298,11 @@ func Delta(ctx context.Context, base, target *os.File, baseSize, targetSize, fro
 		inTarget := tok && te.off <= start
 		shared := inBase && inTarget && be.phys != 0 && te.phys != 0 &&
 			be.phys+(start-be.off) == te.phys+(start-te.off)
+		// Every side holding data here says where on the device it is.
+		located := (!inBase || be.phys != 0) && (!inTarget || te.phys != 0)
 		if shared {
 			st.SharedBytes += end - start
-		} else if err := d.add(start, end); err != nil {
+		} else if err := d.add(start, end, !(opts.TrustExtents && located)); err != nil {
 			return st, err
 		}
 		pos = end
@@ -305,42 +320,52 @@ func Delta(ctx context.Context, base, target *os.File, baseSize, targetSize, fro
 	return st, nil
 }
 
-// differ compares, block by block, the ranges Delta could not settle from
-// the extent maps, gathered into runs of adjacent blocks.
+// differ settles the ranges Delta could not settle from the extent maps
+// alone: it gathers them into runs of adjacent blocks, and either compares
+// a run block by block or reports it whole.
 type differ struct {
 	ctx                  context.Context
 	base, target         *os.File
 	baseSize, targetSize int64
 	out                  *coalescer
 	stats                *Stats
-	run                  Range // blocks waiting to be compared
+	run                  Range // blocks waiting to be settled
+	compare              bool  // the run is compared (else reported whole)
 	bbuf, tbuf           []byte
 }
 
-// add queues [start, end), widened to whole blocks, for comparison.
-func (d *differ) add(start, end int64) error {
+// add queues [start, end), widened to whole blocks, to be compared or
+// reported whole. A run that overlaps the last one joins it; where one of
+// the two is reported whole, so is the joined run (reporting more is never
+// wrong).
+func (d *differ) add(start, end int64, compare bool) error {
 	start -= start % BlockSize
 	if rem := end % BlockSize; rem != 0 {
 		end += BlockSize - rem
 	}
 	end = min(end, d.targetSize)
 	if d.run.Length > 0 {
-		if start <= d.run.End() {
+		if start < d.run.End() || (start == d.run.End() && compare == d.compare) {
 			d.run.Length = max(d.run.End(), end) - d.run.Offset
+			d.compare = d.compare && compare
 			return nil
 		}
 		if err := d.flush(); err != nil {
 			return err
 		}
 	}
-	d.run = Range{Offset: start, Length: end - start}
+	d.run, d.compare = Range{Offset: start, Length: end - start}, compare
 	return nil
 }
 
-// flush compares the queued run.
+// flush settles the queued run.
 func (d *differ) flush() error {
 	r := d.run
 	d.run = Range{}
+	if !d.compare {
+		d.stats.ReportedBytes += r.Length
+		return d.out.add(r)
+	}
 	if d.bbuf == nil && r.Length > 0 {
 		d.bbuf, d.tbuf = make([]byte, compareChunk), make([]byte, compareChunk)
 	}

@@ -40,6 +40,7 @@ type config struct {
 	stageIters  int // figure 2
 	snapRuns    int // figure 3
 	snapDataMiB int
+	cbtGiB      int
 	dataMiB     int // figure 4: size of the sequential file
 	dataRounds  int
 	randTime    time.Duration
@@ -60,6 +61,7 @@ func parseFlags() config {
 	flag.IntVar(&c.stageIters, "stage-iterations", 20, "figure 2: iterations of each node call")
 	flag.IntVar(&c.snapRuns, "snapshot-runs", 3, "figure 3: snapshots and restores per pool")
 	flag.IntVar(&c.snapDataMiB, "snapshot-data-mib", 512, "figure 3: random data in the 1 GiB volume")
+	flag.IntVar(&c.cbtGiB, "cbt-gib", 10, "figure 7: size of the volume")
 	flag.IntVar(&c.dataMiB, "data-mib", 1024, "figure 4: size of the sequential file")
 	flag.IntVar(&c.dataRounds, "data-rounds", 7, "figure 4: rounds of each measurement")
 	flag.DurationVar(&c.randTime, "rand-time", 3*time.Second, "figure 4: duration of one random read run")
@@ -70,7 +72,7 @@ func parseFlags() config {
 	flag.StringVar(&c.only, "figures", "", "comma-separated figure numbers to measure, e.g. 1,5 (default: all)")
 	flag.Parse()
 	if c.quick {
-		c.seqVolumes, c.rateRounds, c.stageIters, c.snapRuns, c.snapDataMiB = 20, 2, 3, 1, 64
+		c.seqVolumes, c.rateRounds, c.stageIters, c.snapRuns, c.snapDataMiB, c.cbtGiB = 20, 2, 3, 1, 64, 1
 		c.dataMiB, c.dataRounds, c.randTime, c.scaleVols, c.restarts = 64, 2, time.Second, 100, 2
 	}
 	return c
@@ -177,6 +179,7 @@ func (b *bench) runFigures(ctx context.Context) (failed []string) {
 		{"4", "4. data path", b.figureDataPath},
 		{"5", "5. scale", b.figureScale},
 		{"6", "6. encryption at rest", b.figureEncryption},
+		{"7", "7. changed block tracking", b.figureCBT},
 	}
 	only := strings.Split(b.cfg.only, ",")
 	for _, f := range figures {

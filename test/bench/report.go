@@ -16,9 +16,9 @@ func (b *bench) render() string {
 	}
 	fmt.Fprintf(&w, "- CPUs (nproc): %d, %s; memory %s\n", f.nproc, f.cpuModel, f.memTotal)
 	fmt.Fprintf(&w, "- kernel: Linux %s\n", f.kernel)
-	fmt.Fprintf(&w, "- pool filesystem (figures 1, 2, 4, 5 and the ext4 pool of 3): %s\n", f.poolFS)
+	fmt.Fprintf(&w, "- pool filesystem (figures 1, 2, 4, 5 and the ext4 pools of 3 and 7): %s\n", f.poolFS)
 	if f.xfsPool != "" {
-		fmt.Fprintf(&w, "- xfs pool (figure 3): %s\n", f.xfsPool)
+		fmt.Fprintf(&w, "- xfs pools (figures 3 and 7): %s\n", f.xfsPool)
 	}
 	fmt.Fprintf(&w, "- load average (1, 5, 15 min): %s before, %s after\n", f.loadBefore, f.loadAfter)
 	fmt.Fprintf(&w, "- driver: bin/spool %s, a child process of the bench, `-v 0`\n", f.spool)
@@ -112,9 +112,19 @@ call as the client sees it, gRPC included (see the Probe round trip).
    buffered I/O: fscrypt serves O_DIRECT through the page cache unless the
    block device has inline encryption, so both sides are measured alike.
    The kernel's AES implementation is named in /proc/crypto (xts(aes)).
+7. **Changed block tracking**: a %[16]d GiB block volume is filled with
+   random data (O_DIRECT), snapshotted, 1 %% of its 4 KiB blocks (chosen at
+   random, distinct) are overwritten with random data (O_DIRECT, fsync), and
+   it is snapshotted again. Then %[7]d times: drop the page cache, time
+   GetMetadataDelta between the two snapshots (the whole stream, read by the
+   bench over the socket); drop the page cache, time GetMetadataAllocated of
+   the first. Precision is the bytes overwritten over the bytes the delta
+   reports. The xfs pool is a second driver on an xfs (reflink=1) made on a
+   sparse image attached to a loop device; the ext4 pool is the main
+   driver's.
 
 The driver's peak RSS is the highest VmHWM of any driver process of the run,
 read just before it was stopped.
 `, c.seqVolumes, c.rateRounds, c.callers, 10*c.callers, c.stageIters, c.snapDataMiB, c.snapRuns,
-		c.dataMiB, 2*c.dataMiB, c.dataRounds, c.scaleVols, scaleSingles, c.restarts, walksPerStart, listPage)
+		c.dataMiB, 2*c.dataMiB, c.dataRounds, c.scaleVols, scaleSingles, c.restarts, walksPerStart, listPage, c.cbtGiB)
 }

@@ -35,7 +35,7 @@ const (
 func (b *bench) figureSnapshots(ctx context.Context) (err error) {
 	var undo cleanups
 	defer func() { err = errors.Join(err, undo.run()) }()
-	c, xfsPool, err := b.startXFSPool(ctx, &undo)
+	c, xfsPool, err := b.startXFSPool(ctx, &undo, "xfs", xfsPoolBytes)
 	if err != nil {
 		return err
 	}
@@ -51,13 +51,14 @@ func (b *bench) figureSnapshots(ctx context.Context) (err error) {
 	return nil
 }
 
-// startXFSPool makes an xfs filesystem (with reflink) on a sparse image
-// attached to a loop device, mounts it, and starts a second driver whose
-// pool lives there. The steps to undo it all go on undo.
-func (b *bench) startXFSPool(ctx context.Context, undo *cleanups) (*csiclient.Client, string, error) {
-	img := filepath.Join(b.work, "xfs-pool.img")
-	mnt := filepath.Join(b.work, "xfs-pool")
-	if err := makeSparseFile(img, xfsPoolBytes); err != nil {
+// startXFSPool makes an xfs filesystem (with reflink) of n bytes on a
+// sparse image attached to a loop device, mounts it, and starts a second
+// driver, called name, whose pool lives there. The steps to undo it all go
+// on undo.
+func (b *bench) startXFSPool(ctx context.Context, undo *cleanups, name string, n int64) (*csiclient.Client, string, error) {
+	img := filepath.Join(b.work, name+"-pool.img")
+	mnt := filepath.Join(b.work, name+"-pool")
+	if err := makeSparseFile(img, n); err != nil {
 		return nil, "", fmt.Errorf("xfs pool image: %w", err)
 	}
 	dev, err := loop.Attach(img, loop.Options{DirectIO: true})
@@ -65,6 +66,7 @@ func (b *bench) startXFSPool(ctx context.Context, undo *cleanups) (*csiclient.Cl
 		return nil, "", fmt.Errorf("xfs pool: %w", err)
 	}
 	undo.add("detach the xfs pool's loop device", func() error { return loop.Detach(dev.Path) })
+	undo.add("remove the xfs pool's image", func() error { return os.Remove(img) })
 	if out, err := exec.CommandContext(ctx, "mkfs.xfs", "-q", "-f", "-m", "reflink=1", dev.Path).CombinedOutput(); err != nil {
 		return nil, "", fmt.Errorf("mkfs.xfs %s: %w: %s", dev.Path, err, out)
 	}
@@ -75,11 +77,11 @@ func (b *bench) startXFSPool(ctx context.Context, undo *cleanups) (*csiclient.Cl
 		return nil, "", fmt.Errorf("mounting xfs pool %s on %s: %w", dev.Path, mnt, err)
 	}
 	undo.add("unmount the xfs pool", func() error { return unix.Unmount(mnt, 0) })
-	b.facts.xfsPool = fmt.Sprintf("%s; a %d GiB sparse file on the pool filesystem, on %s with direct I/O, mkfs.xfs -m reflink=1",
-		filesystemOf(mnt), xfsPoolBytes>>30, dev.Path)
+	b.facts.xfsPool = fmt.Sprintf("%s; a sparse file on the pool filesystem, on %s with direct I/O, mkfs.xfs -m reflink=1",
+		filesystemOf(mnt), dev.Path)
 
 	poolDir := filepath.Join(mnt, "pool")
-	d, err := startDriver(b.spool, "xfs", filepath.Join(b.work, "xfs"), poolDir)
+	d, err := startDriver(b.spool, name, filepath.Join(b.work, name), poolDir)
 	if err != nil {
 		return nil, "", err
 	}
