@@ -8,6 +8,8 @@
 #   $SPOOL_E2E_CACHE/k8s-<ver>/versions.env   versions and paths, for sourcing
 #   $SPOOL_E2E_CACHE/sidecars-<go.sum hash>/<repo>-<ver>/bin/<cmd>
 #   $SPOOL_E2E_CACHE/sidecars-<go.sum hash>/external-snapshotter-<ver>/crds/*.yaml
+#   $SPOOL_E2E_CACHE/snapshot-metadata-<hash>/bin/{csi-snapshot-metadata,spool-cbt-lister}
+#   $SPOOL_E2E_CACHE/snapshot-metadata-<hash>/crds/  the SnapshotMetadataService CRD
 #
 # With --external it also builds e2e-storage.test (the External.Storage specs
 # of the Kubernetes e2e suite), agnhost and the ginkgo CLI (make e2e-external).
@@ -208,6 +210,38 @@ if [ ! -d "$CRDS" ]; then
   log "snapshot CRDs copied to $CRDS"
 fi
 ln -sfn "../$(basename "$SIDECARS")/external-snapshotter-$SNAP_VER/crds" "$K8S_DIR/crds"
+
+# Changed block tracking, from a module of its own (see its go.mod): the
+# csi-snapshot-metadata sidecar, spool-cbt-lister (a backup client on
+# upstream's client library) and the SnapshotMetadataService CRD.
+CBT_MOD=$TOOLS_DIR/snapshot-metadata
+[ -f "$CBT_MOD/go.sum" ] || die "$CBT_MOD/go.sum is missing"
+CBT=$CACHE/snapshot-metadata-$(cat "$CBT_MOD/go.sum" "$CBT_MOD"/cmd/*/*.go | sha256sum | cut -c1-12)
+CBT_VER=$(module_version "$CBT_MOD" github.com/kubernetes-csi/external-snapshot-metadata)
+ENV_LINES+=("EXTERNAL_SNAPSHOT_METADATA_VERSION=$CBT_VER")
+log "changed block tracking from $CBT_MOD/go.mod (external-snapshot-metadata $CBT_VER)"
+if build_many "$CBT/bin" "$CBT_MOD" "-X main.version=$CBT_VER" \
+  csi-snapshot-metadata=github.com/kubernetes-csi/external-snapshot-metadata/cmd/csi-snapshot-metadata \
+  spool-cbt-lister=./cmd/spool-cbt-lister; then
+  for cmd in csi-snapshot-metadata spool-cbt-lister; do
+    ln -sfn "../../$(basename "$CBT")/bin/$cmd" "$BIN/$cmd"
+  done
+else
+  FAILED+=("csi-snapshot-metadata $CBT_VER")
+fi
+if [ ! -d "$CBT/crds" ]; then
+  cdir=$(cd "$CBT_MOD" && go mod download -json github.com/kubernetes-csi/external-snapshot-metadata/client |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p') ||
+    die "cannot download external-snapshot-metadata's client module (for its CRD)"
+  [ -f "$cdir/config/crd/cbt.storage.k8s.io_snapshotmetadataservices.yaml" ] ||
+    die "$cdir has no SnapshotMetadataService CRD"
+  mkdir -p "$CBT/crds.tmp.$$"
+  cp "$cdir/config/crd/cbt.storage.k8s.io_snapshotmetadataservices.yaml" "$CBT/crds.tmp.$$/"
+  chmod u+w "$CBT/crds.tmp.$$"/*
+  mv "$CBT/crds.tmp.$$" "$CBT/crds"
+  log "SnapshotMetadataService CRD copied to $CBT/crds"
+fi
+ln -sfn "../$(basename "$CBT")/crds" "$K8S_DIR/cbt-crds"
 if [ ${#FAILED[@]} -gt 0 ]; then die "sidecar builds failed: ${FAILED[*]}"; fi
 
 # ---------------------------------------------------------------------------
@@ -218,6 +252,7 @@ if [ ${#FAILED[@]} -gt 0 ]; then die "sidecar builds failed: ${FAILED[*]}"; fi
   for l in "${ENV_LINES[@]}"; do echo "$l"; done
   echo "E2E_BIN=$BIN"
   [ -e "$K8S_DIR/crds" ] && echo "E2E_CRDS=$K8S_DIR/crds"
+  [ -e "$K8S_DIR/cbt-crds" ] && echo "E2E_CBT_CRDS=$K8S_DIR/cbt-crds"
 } >"$K8S_DIR/versions.env.tmp.$$"
 mv -f "$K8S_DIR/versions.env.tmp.$$" "$K8S_DIR/versions.env"
 unlock

@@ -53,7 +53,7 @@ if $EXTERNAL; then hack/e2e-tools.sh --external; else hack/e2e-tools.sh; fi
 K8S_VERSION=$(cd test/e2e/tools && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' k8s.io/kubernetes)
 # shellcheck source=/dev/null
 source "${SPOOL_E2E_CACHE:-$REPO/.cache/e2e}/k8s-$K8S_VERSION/versions.env"
-export E2E_BIN E2E_CRDS
+export E2E_BIN E2E_CRDS E2E_CBT_CRDS
 echo "e2e: tools ready in $(( $(date +%s) - t0 ))s"
 
 # run_tests ARGS...: one run of the e2e binary (one cluster), output filtered.

@@ -15,7 +15,7 @@ declare -A package=(
   [mkfs.btrfs]=btrfs-progs [btrfs]=btrfs-progs
   [blkid]=util-linux [unshare]=util-linux [nsenter]=util-linux
   [losetup]=mount [mount]=mount [umount]=mount
-  [dd]=coreutils [fio]=fio
+  [dd]=coreutils [fio]=fio [openssl]=openssl
 )
 # what the driver runs for each filesystem
 ext4=(mkfs.ext4 e2fsck resize2fs tune2fs dumpe2fs blkid)
@@ -31,7 +31,9 @@ case $target in
     why='their cases are skipped' ;;
   sanity|run) required=("${ext4[@]}" mount umount) ;;
   bench) required=("${ext4[@]}" "${xfs[@]}" losetup mount umount dd); optional=(fio); why='the bench uses its own O_DIRECT I/O instead' ;;
-  e2e) required=("${ext4[@]}" "${xfs[@]}" "${btrfs[@]}" losetup mount umount) ;;
+  # openssl: the deploy tier makes the snapshot-metadata sidecar's
+  # certificate by deploy/README.md's procedure.
+  e2e) required=("${ext4[@]}" "${xfs[@]}" "${btrfs[@]}" losetup mount umount openssl) ;;
   *) echo "need.sh: unknown target $target" >&2; exit 2 ;;
 esac
 
@@ -46,7 +48,7 @@ if [ ${#required[@]} -gt 0 ]; then
     declare -A want=()
     for p in "${required[@]}"; do command -v "$p" >/dev/null || want[${package[$p]}]=1; done
     pkgs=''
-    for p in btrfs-progs coreutils e2fsprogs fio mount util-linux xfsprogs; do [ -z "${want[$p]:-}" ] || pkgs+=" $p"; done
+    for p in btrfs-progs coreutils e2fsprogs fio mount openssl util-linux xfsprogs; do [ -z "${want[$p]:-}" ] || pkgs+=" $p"; done
     echo "make $target: missing ${m//,/, }; install them first: apt-get install${pkgs}" >&2
     exit 1
   fi

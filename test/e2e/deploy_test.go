@@ -68,6 +68,58 @@ func makeShare(ctx context.Context) (func() error, error) {
 // setupFlavour validates every manifest and example against the API server,
 // makes and imports the images, applies the flavour and waits for its pods.
 // The returned teardown deletes the flavour and checks the node is clean.
+// cbtFlavours are the flavours deploy/snapshot-metadata is for: the deploy
+// tier applies them with it.
+var cbtFlavours = []string{"single-node", "shared"}
+
+// cbtOverlay writes a kustomization of the flavour with the
+// snapshot-metadata component, as deploy/README.md tells users to, and
+// returns its directory.
+func cbtOverlay(root, flavour string) (string, error) {
+	dir := filepath.Join(root, "_output", "e2e-deploy", flavour+"-snapshot-metadata")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	rel := func(p string) (string, error) { return filepath.Rel(dir, filepath.Join(root, "deploy", p)) }
+	fl, err := rel(flavour)
+	if err != nil {
+		return "", err
+	}
+	comp, err := rel("snapshot-metadata")
+	if err != nil {
+		return "", err
+	}
+	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s]\ncomponents: [%s]\n", fl, comp)
+	return dir, os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644)
+}
+
+// setupSnapshotMetadata does what deploy/README.md asks before the
+// snapshot-metadata component is applied: the SnapshotMetadataService CRD,
+// then deploy/snapshot-metadata/setup.sh (certificate, Secret, object). It
+// returns what removes the object again.
+func setupSnapshotMetadata(ctx context.Context, root string) (func() error, error) {
+	c := env.c
+	crds, err := filepath.EvalSymlinks(*cbtCRDDir)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Kubectl(ctx, "apply", "--server-side", "-f", crds); err != nil {
+		return nil, fmt.Errorf("apply the SnapshotMetadataService CRD: %w", err)
+	}
+	if _, err := c.Kubectl(ctx, "wait", "--for=condition=Established", "--timeout=60s", "-f", crds); err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, filepath.Join(root, "deploy", "snapshot-metadata", "setup.sh"))
+	cmd.Env = append(os.Environ(), "KUBECTL="+c.Bin("kubectl")+" --kubeconfig="+c.Kubeconfig)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("deploy/snapshot-metadata/setup.sh: %w\n%s", err, out)
+	}
+	return func() error {
+		_, err := c.Kubectl(context.Background(), "delete", "snapshotmetadataservice", cluster.DriverName, "--ignore-not-found")
+		return err
+	}, nil
+}
+
 func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (func() error, error) {
 	c := env.c
 	dir := filepath.Join(root, "deploy", *flavour)
@@ -102,6 +154,28 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 		if _, err := c.Kubectl(ctx, "apply", "--dry-run=server", "-k", filepath.Join(root, "deploy", d)); err != nil {
 			return stopSnap, fmt.Errorf("server-side dry run of deploy/%s: %w", d, err)
 		}
+	}
+	// The flavours that take deploy/snapshot-metadata are applied with it.
+	for _, d := range cbtFlavours {
+		overlay, err := cbtOverlay(root, d)
+		if err != nil {
+			return stopSnap, err
+		}
+		if _, err := c.Kubectl(ctx, "apply", "--dry-run=server", "-k", overlay); err != nil {
+			return stopSnap, fmt.Errorf("server-side dry run of deploy/%s with deploy/snapshot-metadata: %w", d, err)
+		}
+		if d == *flavour {
+			dir = overlay
+		}
+	}
+	if dir != filepath.Join(root, "deploy", *flavour) {
+		removeSMS, err := setupSnapshotMetadata(ctx, root)
+		if err != nil {
+			return stopSnap, err
+		}
+		stop := stopSnap
+		stopSnap = func() error { return errors.Join(removeSMS(), stop()) }
+		logf("deploy: deploy/%s with deploy/snapshot-metadata (setup.sh made the certificate and the SnapshotMetadataService)", *flavour)
 	}
 	if _, err := c.Kubectl(ctx, "apply", "--dry-run=server", "-f", filepath.Join(root, "examples")); err != nil {
 		return stopSnap, fmt.Errorf("server-side dry run of examples/: %w", err)

@@ -23,6 +23,7 @@ import (
 var (
 	binDir      = flag.String("e2e.bin", os.Getenv("E2E_BIN"), "directory of the cluster binaries (hack/e2e-tools.sh)")
 	crdDir      = flag.String("e2e.crds", os.Getenv("E2E_CRDS"), "directory of the snapshot CRDs")
+	cbtCRDDir   = flag.String("e2e.cbt-crds", os.Getenv("E2E_CBT_CRDS"), "directory of the SnapshotMetadataService CRD (changed block tracking, scenario 13)")
 	repoRoot    = flag.String("e2e.repo", "../..", "the repository root (bin/spool, deploy/)")
 	kubeletRoot = flag.String("e2e.kubelet-root", "/var/lib/kubelet", "kubelet's root directory")
 	keepLogs    = flag.String("e2e.logs", "", "copy the cluster's logs here when a test fails")
@@ -56,8 +57,8 @@ func run(m *testing.M) (code int) {
 		fmt.Fprintln(os.Stderr, "e2e: needs root (loop devices, mounts, kubelet)")
 		return 1
 	}
-	if *binDir == "" || *crdDir == "" {
-		fmt.Fprintln(os.Stderr, "e2e: -e2e.bin and -e2e.crds (or E2E_BIN, E2E_CRDS) are required; run via make e2e")
+	if *binDir == "" || *crdDir == "" || *cbtCRDDir == "" {
+		fmt.Fprintln(os.Stderr, "e2e: -e2e.bin, -e2e.crds and -e2e.cbt-crds (or E2E_BIN, E2E_CRDS, E2E_CBT_CRDS) are required; run via make e2e")
 		return 1
 	}
 	root, err := filepath.Abs(*repoRoot)
@@ -141,6 +142,9 @@ func run(m *testing.M) (code int) {
 		PoolDir:    env.poolDir,
 		PoolArgs:   []string{"capacity=" + *poolSize},
 		ExtraPools: []string{"shared=" + env.sharedDir + ",shared"},
+		// Changed block tracking (scenario 13).
+		SnapshotMetadataDir: filepath.Join(root, "deploy", "snapshot-metadata"),
+		CBTCRDDir:           *cbtCRDDir,
 	})
 	if err != nil {
 		logf("spool start failed: %v", err)

@@ -44,7 +44,7 @@ func (c *Cluster) ImportDeployImages(ctx context.Context, rendered, spoolBin str
 		switch base := path.Base(repo); base {
 		case "spool":
 			img, err = NewSpoolImage(ctx, name, spoolBin, c.cfg.Busybox)
-		case "csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter":
+		case "csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter", "csi-snapshot-metadata":
 			img, err = NewProgramImage(ctx, name, c.Bin(base), base)
 		case "csi-node-driver-registrar":
 			img, err = NewProgramImage(ctx, name, c.Bin("spool-registrar"), base)

@@ -2,8 +2,10 @@ package cluster
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,6 +25,10 @@ type SpoolConfig struct {
 	// ExtraPools are more --pool values, e.g. "shared=/dir,shared".
 	ExtraPools []string
 	Namespace  string // where deploy/base puts the ServiceAccounts
+	// SnapshotMetadataDir is deploy/snapshot-metadata and CBTCRDDir the
+	// SnapshotMetadataService CRD: with both, the csi-snapshot-metadata
+	// sidecar runs too (StartSnapshotMetadata).
+	SnapshotMetadataDir, CBTCRDDir string
 }
 
 // sidecar is one CSI sidecar run as a host process with the identity of its
@@ -35,12 +41,15 @@ type sidecar struct {
 
 // Spool is the driver, its registrar and sidecars running on the node.
 type Spool struct {
-	c        *Cluster
-	cfg      SpoolConfig
-	Socket   string
-	Driver   *Proc
-	procs    []*Proc
-	nodeArgs []string
+	c      *Cluster
+	cfg    SpoolConfig
+	Socket string
+	// SnapshotMetadataAddress is where the csi-snapshot-metadata sidecar
+	// serves (host:port), when it runs.
+	SnapshotMetadataAddress string
+	Driver                  *Proc
+	procs                   []*Proc
+	nodeArgs                []string
 }
 
 // StartSpool applies deploy/base and the snapshot CRDs, then starts the
@@ -117,6 +126,11 @@ func (c *Cluster) StartSpool(ctx context.Context, cfg SpoolConfig) (s *Spool, er
 		}
 		s.procs = append(s.procs, p)
 	}
+	if cfg.SnapshotMetadataDir != "" && cfg.CBTCRDDir != "" {
+		if err := s.startSnapshotMetadata(ctx); err != nil {
+			return s, err
+		}
+	}
 	if err := waitFor(ctx, "kubelet registers "+DriverName, 60*time.Second, 250*time.Millisecond, func() error {
 		out, err := c.Kubectl(ctx, "get", "csinode", c.NodeName, "-o", "jsonpath={.spec.drivers[*].name}")
 		if err != nil {
@@ -131,6 +145,88 @@ func (c *Cluster) StartSpool(ctx context.Context, cfg SpoolConfig) (s *Spool, er
 	}
 	c.logf("spool: driver, registrar and sidecars up in %.1fs", time.Since(t0).Seconds())
 	return s, nil
+}
+
+// SnapshotMetadataAudience is the audience of the SnapshotMetadataService
+// the harness creates: a backup client's token must carry it.
+const SnapshotMetadataAudience = "spool-e2e-backup"
+
+// startSnapshotMetadata runs changed block tracking as deploy/snapshot-metadata
+// does, with the sidecar as a host process: the SnapshotMetadataService CRD,
+// the sidecar's and the backup clients' RBAC from deploy/snapshot-metadata,
+// a serving certificate from the cluster's CA for 127.0.0.1, the
+// SnapshotMetadataService object named after the driver, and the sidecar,
+// with the identity of spool-csi-provisioner (the account of the pods it
+// runs in) on Spool's socket. It waits until the sidecar's /health says it
+// serves, which it does only once Spool has said it serves the service.
+func (s *Spool) startSnapshotMetadata(ctx context.Context) error {
+	c := s.c
+	dir, err := filepath.EvalSymlinks(s.cfg.CBTCRDDir)
+	if err != nil {
+		return fmt.Errorf("SnapshotMetadataService CRD: %w", err)
+	}
+	if _, err := c.Kubectl(ctx, "apply", "--server-side", "-f", dir); err != nil {
+		return fmt.Errorf("apply the SnapshotMetadataService CRD: %w", err)
+	}
+	if _, err := c.Kubectl(ctx, "wait", "--for=condition=Established", "--timeout=60s", "-f", dir); err != nil {
+		return fmt.Errorf("SnapshotMetadataService CRD: %w", err)
+	}
+	for _, f := range []string{"rbac.yaml", "client-rbac.yaml"} {
+		if _, err := c.Kubectl(ctx, "apply", "-f", filepath.Join(s.cfg.SnapshotMetadataDir, f)); err != nil {
+			return fmt.Errorf("apply %s: %w", f, err)
+		}
+	}
+	if err := c.pki.issue("snapshot-metadata", "csi-snapshot-metadata", nil, []string{"127.0.0.1"}); err != nil {
+		return err
+	}
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	health, err := freePort()
+	if err != nil {
+		return err
+	}
+	ca, err := os.ReadFile(c.CAFile)
+	if err != nil {
+		return fmt.Errorf("cluster CA: %w", err)
+	}
+	s.SnapshotMetadataAddress = fmt.Sprintf("127.0.0.1:%d", port)
+	sms := fmt.Sprintf(`apiVersion: cbt.storage.k8s.io/v1beta1
+kind: SnapshotMetadataService
+metadata: {name: %s}
+spec:
+  address: %q
+  audience: %s
+  caCert: %s
+`, DriverName, s.SnapshotMetadataAddress, SnapshotMetadataAudience, base64.StdEncoding.EncodeToString(ca))
+	if _, err := c.KubectlIn(ctx, sms, "apply", "-f", "-"); err != nil {
+		return fmt.Errorf("create the SnapshotMetadataService: %w", err)
+	}
+	kc, err := c.ServiceAccountKubeconfig(ctx, s.cfg.Namespace, "spool-csi-provisioner")
+	if err != nil {
+		return err
+	}
+	p, err := Supervise("csi-snapshot-metadata", c.logDir, nil, c.Bin("csi-snapshot-metadata"),
+		"--kubeconfig="+kc, "--csi-address="+s.Socket, "--timeout=60s", "--v=4",
+		"--tls-cert="+c.pki.path("snapshot-metadata.crt"), "--tls-key="+c.pki.path("snapshot-metadata.key"),
+		fmt.Sprintf("--port=%d", port), fmt.Sprintf("--http-endpoint=127.0.0.1:%d", health))
+	if err != nil {
+		return err
+	}
+	s.procs = append(s.procs, p)
+	url := fmt.Sprintf("http://127.0.0.1:%d/health", health)
+	return waitFor(ctx, "csi-snapshot-metadata serving", 60*time.Second, 250*time.Millisecond, func() error {
+		resp, err := http.Get(url)
+		if err != nil {
+			return err
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s: %s", url, resp.Status)
+		}
+		return nil
+	})
 }
 
 // InstallSnapshots applies the snapshot CRDs and starts the snapshot
