@@ -24,18 +24,28 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	if err != nil {
 		err = toStatus(err)
 	}
-	d.metrics.ObserveRequest(info.FullMethod, status.Code(err).String(), time.Since(start))
-	if err != nil {
-		st, _ := status.FromError(err)
-		lvl := klog.Level(2)
-		if st.Code() == codes.Internal || st.Code() == codes.Unknown {
-			lvl = 0
-		}
-		klog.V(lvl).InfoS("CSI call failed", "method", info.FullMethod, "code", st.Code().String(), "message", st.Message(), "duration", time.Since(start))
+	if d.observe(info.FullMethod, err, start) {
 		return nil, err
 	}
 	klog.V(4).InfoS("CSI response", "method", info.FullMethod, "response", protosanitizer.StripSecrets(resp), "duration", time.Since(start))
 	return resp, nil
+}
+
+// observe counts a call that ended in err (nil or a status) and logs a
+// failure: Internal and Unknown always, the others at -v 2. It reports
+// whether the call failed.
+func (d *Driver) observe(method string, err error, start time.Time) bool {
+	d.metrics.ObserveRequest(method, status.Code(err).String(), time.Since(start))
+	if err == nil {
+		return false
+	}
+	st, _ := status.FromError(err)
+	lvl := klog.Level(2)
+	if st.Code() == codes.Internal || st.Code() == codes.Unknown {
+		lvl = 0
+	}
+	klog.V(lvl).InfoS("CSI call failed", "method", method, "code", st.Code().String(), "message", st.Message(), "duration", time.Since(start))
+	return true
 }
 
 // interceptStream does for streaming calls (the SnapshotMetadata service)
@@ -47,14 +57,7 @@ func (d *Driver) interceptStream(srv any, ss grpc.ServerStream, info *grpc.Strea
 	if err != nil {
 		err = toStatus(err)
 	}
-	d.metrics.ObserveRequest(info.FullMethod, status.Code(err).String(), time.Since(start))
-	if err != nil {
-		st, _ := status.FromError(err)
-		lvl := klog.Level(2)
-		if st.Code() == codes.Internal || st.Code() == codes.Unknown {
-			lvl = 0
-		}
-		klog.V(lvl).InfoS("CSI call failed", "method", info.FullMethod, "code", st.Code().String(), "message", st.Message(), "duration", time.Since(start))
+	if d.observe(info.FullMethod, err, start) {
 		return err
 	}
 	klog.V(4).InfoS("CSI stream done", "method", info.FullMethod, "duration", time.Since(start))
