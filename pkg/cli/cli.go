@@ -268,7 +268,7 @@ func (c *common) open() (controller, error) {
 
 // checkNode refuses a --node-id that differs from the node named by the
 // pools' existing volumes: the driver would never serve a volume made for
-// another node.
+// another node. Volumes of shared pools name no node and say nothing.
 func (c *common) checkNode(ctx context.Context, d controller) error {
 	vols, err := listAll(ctx, d)
 	if err != nil {
@@ -276,7 +276,7 @@ func (c *common) checkNode(ctx context.Context, d controller) error {
 	}
 	for _, e := range vols {
 		id, err := volid.Parse(e.GetVolume().GetVolumeId())
-		if err == nil && id.Node != c.nodeID {
+		if err == nil && id.Node != "" && id.Node != c.nodeID {
 			return fmt.Errorf("pool %s holds volumes of node %s (%s), not of --node-id %s: give the --node-id of the driver that serves the pool", id.Pool, id.Node, id, c.nodeID)
 		}
 	}

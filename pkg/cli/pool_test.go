@@ -51,6 +51,12 @@ func TestVolumesOfASharedPool(t *testing.T) {
 	if !strings.Contains(r.stdout, "spool.csi.dev/pool-nfs") {
 		t.Errorf("the PV of a shared volume does not name the pool's topology:\n%s", r.stdout)
 	}
+	// Its volumes name no node, so they do not make --node-id look wrong:
+	// a second create in it, and one in a local pool beside it, work.
+	second := strings.TrimSpace(mustRun(t, 0, append([]string{"create", "--name", "pre-2", "--size", "1Mi", "-o", "handle"}, common...)...).stdout)
+	local := newPool(t)
+	mustRun(t, 0, "create", "--pool", "default="+local, "--pool", "nfs="+dir+",shared", "--node-id", testNode, "--name", "beside", "--size", "1Mi")
+	mustRun(t, 0, append([]string{"delete"}, append(common, second)...)...)
 	h := strings.TrimSpace(mustRun(t, 0, append([]string{"list", "-o", "handle"}, common...)...).stdout)
 	if !strings.HasPrefix(h, "nfs::") {
 		t.Fatalf("handle %q", h)
