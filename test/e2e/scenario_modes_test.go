@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/spool-csi/spool/test/e2e/cluster"
 )
 
 // Scenario 5: a raw block claim used by a pod as a device.
@@ -64,4 +66,49 @@ func TestFilesystemsAndMountOptions(t *testing.T) {
 			t.Errorf("mount options not applied: %q", out)
 		}
 	})
+}
+
+// Scenario 14: fsGroupPolicy File. A file written by root is, once a pod
+// with fsGroup 2000 mounts the claim, owned by group 2000 and writable by
+// the pod's non-root user through the group, as are the volume's root
+// (setgid, so new files join the group) and the files the pod makes.
+func TestFSGroup(t *testing.T) {
+	independent(t)
+	ns := namespace(t)
+	apply(t, pvc(ns, pvcSpec{name: "data", class: "spool-ext4", size: "64Mi"}))
+	runPod(t, ns, "root-writer", "data", "set -e; echo before > /data/old; chmod 0644 /data/old; sync", false, false)
+	apply(t, fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata: {name: grouped, namespace: %s}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  securityContext: {runAsUser: 1000, runAsGroup: 3000, fsGroup: 2000}
+  containers:
+  - name: c
+    image: %s
+    imagePullPolicy: Never
+    command: ["sh", "-c", "set -e; echo after >> /data/old; echo new > /data/new; sync; stat -c 'root %%g %%A' /data; stat -c 'old %%g %%u' /data/old; stat -c 'new %%g %%u' /data/new"]
+    volumeMounts: [{name: data, mountPath: /data}]
+  volumes:
+  - {name: data, persistentVolumeClaim: {claimName: data}}
+`, ns, cluster.BusyboxImageName))
+	waitPodDone(t, ns, "grouped")
+	out := kubectl(t, "logs", "grouped", "-n", ns)
+	kubectl(t, "delete", "pod", "grouped", "-n", ns, "--wait")
+	got := map[string][]string{}
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if f := strings.Fields(l); len(f) == 3 {
+			got[f[0]] = f[1:]
+		}
+	}
+	if r := got["root"]; len(r) != 2 || r[0] != "2000" || len(r[1]) != 10 || r[1][5] != 'w' || r[1][6] != 's' {
+		t.Errorf("the volume's root: %v, want group 2000, group-writable and setgid (log %q)", r, out)
+	}
+	if o := got["old"]; len(o) != 2 || o[0] != "2000" || o[1] != "0" {
+		t.Errorf("root's file: %v, want group 2000 and owner 0 (log %q)", o, out)
+	}
+	if n := got["new"]; len(n) != 2 || n[0] != "2000" || n[1] != "1000" {
+		t.Errorf("the pod's new file: %v, want group 2000 and owner 1000 (log %q)", n, out)
+	}
 }
