@@ -28,6 +28,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "pool" {
 		os.Exit(cli.Pool(os.Args[2:], os.Stdout, os.Stderr))
 	}
+	if len(os.Args) > 1 && os.Args[1] == "doctor" {
+		os.Exit(cli.Doctor(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	klog.InitFlags(nil)
 	var (
 		opts        driver.Options
@@ -50,7 +53,8 @@ func main() {
 	flag.Usage = func() {
 		fmt.Fprint(flag.CommandLine.Output(), "Usage: spool [flags]                      serve the CSI services\n"+
 			"       spool volume create|list|delete   work on pools no driver serves (spool volume -h)\n"+
-			"       spool pool init NAME=DIR          initialise a shared pool (spool pool -h)\n\nFlags:\n")
+			"       spool pool init NAME=DIR          initialise a shared pool (spool pool -h)\n"+
+			"       spool doctor --pool NAME=DIR      check that this node has what Spool needs (spool doctor -h)\n\nFlags:\n")
 		flag.PrintDefaults()
 	}
 	flag.Parse()

@@ -72,7 +72,7 @@ func TestNeed(t *testing.T) {
 		return string(out), err
 	}
 	out, err := run("e2e")
-	if err == nil || !strings.Contains(out, "mkfs.btrfs (btrfs-progs)") || !strings.Contains(out, "apt-get install btrfs-progs e2fsprogs mount util-linux xfsprogs") {
+	if err == nil || !strings.Contains(out, "mkfs.btrfs (btrfs-progs)") || !strings.Contains(out, "apt-get install btrfs-progs e2fsprogs mount openssl util-linux xfsprogs") {
 		t.Errorf("make e2e without tools: %v\n%s", err, out)
 	}
 	if _, err := run("test"); err != nil {
