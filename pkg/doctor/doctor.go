@@ -182,14 +182,22 @@ func checkPool(sys System, spec pool.Spec) []Result {
 	}
 	var out []Result
 	served, lockErr := lockHeld(sys.Locks, spec.Dir)
-	if lockErr != nil {
+	switch {
+	case lockErr != nil:
 		out = append(out, Result{Check: name + ": lock", Verdict: Fail, Detail: lockErr.Error(), Fix: "the pool's .lock must be a regular file Spool can open"})
-	} else if served {
+	case spec.Shared:
+		// Controllers on any node hold the shared lock on the share;
+		// /proc/locks shows only this machine's (and this PID
+		// namespace's), and reading a shared pool needs no lock.
+		out = append(out, Result{Check: name + ": lock", Verdict: OK, Detail: "shared pool: served by every controller that opens it (their locks on the share are not all visible here)"})
+	case served:
 		out = append(out, Result{Check: name + ": lock", Verdict: OK, Detail: "held: a driver serves the pool"})
-	} else {
-		out = append(out, Result{Check: name + ": lock", Verdict: OK, Detail: "free: no driver serves the pool now"})
+	default:
+		out = append(out, Result{Check: name + ": lock", Verdict: OK, Detail: "free: no process this doctor can see serves the pool (a driver in another container would not show)"})
 	}
-	out = append(out, checkSpace(spec, served), checkLeftovers(spec, served))
+	// A shared pool is read without its lock; what is in its .tmp may be
+	// another node's controller at work.
+	out = append(out, checkSpace(spec, served && !spec.Shared), checkLeftovers(spec, served || spec.Shared))
 	out = append(out, checkScratch(spec)...)
 	return out
 }

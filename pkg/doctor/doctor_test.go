@@ -163,6 +163,19 @@ func TestBrokenNode(t *testing.T) {
 	want(t, got, "pool idle: leftovers", Warn, "1 in .tmp")
 	want(t, got, "pool missing", Fail, "no such file")
 	want(t, got, "pool share", Fail, "holds no pool")
+	// An initialised shared pool is read without its lock, and what its
+	// .tmp holds may be another node's controller at work.
+	initShare := pool.Spec{Name: "nfs", Dir: filepath.Join(t.TempDir(), "nfs"), Shared: true}
+	if _, err := pool.Init(initShare.Name, initShare.Dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(initShare.Dir, ".tmp", "in-flight"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	shared := verdicts(Run(context.Background(), h.system(t), Config{Pools: pool.Specs{initShare}, KubeletDir: "/var/lib/kubelet"}))
+	want(t, shared, "pool nfs: lock", OK, "shared pool")
+	want(t, shared, "pool nfs: space", OK, "provisioned 0,")
+	want(t, shared, "pool nfs: leftovers", OK, "1 in .tmp")
 	want(t, got, "mount propagation of /var/lib/kubelet", Fail, "private")
 	want(t, got, "CAP_SYS_RESOURCE", Warn, "missing")
 	want(t, got, "loop devices of pool images", Warn, "1 backed by a deleted image")

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -222,8 +223,44 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 	}
 	logf("deploy: kubectl apply -k deploy/%s to all pods Ready: %.1fs; driver registered with kubelet after %.1fs",
 		*flavour, ready.Seconds(), time.Since(applied).Seconds())
+	if err := doctorInNodePod(ctx, logf); err != nil {
+		return teardown, err
+	}
 	env.poolDir, env.socket = flavourPoolDir(), flavourSocket
 	return teardown, nil
+}
+
+// doctorInNodePod runs `spool doctor` in the flavour's node pod, as
+// docs/operations.md tells operators to, with the pool the pod serves: on
+// a node that serves volumes, every check must pass (a fail is an error).
+func doctorInNodePod(ctx context.Context, logf func(string, ...any)) error {
+	c := env.c
+	pod, err := c.Kubectl(ctx, "-n", systemNS, "get", "pods", "-l", "app.kubernetes.io/component=node",
+		"-o", "jsonpath={.items[0].metadata.name}")
+	if err != nil {
+		return err
+	}
+	poolArg := "default=" + flavourPool
+	if *flavour == "shared" {
+		poolArg = "default=" + sharedPool + ",shared"
+	}
+	out, err := c.Kubectl(ctx, "-n", systemNS, "exec", strings.TrimSpace(pod), "-c", "spool", "--",
+		"spool", "doctor", "--pool", poolArg, "-o", "json")
+	var results []struct{ Check, Verdict, Detail, Fix string }
+	if jerr := json.Unmarshal([]byte(out), &results); jerr != nil {
+		return fmt.Errorf("spool doctor in %s: %v; output %q (%v)", pod, err, out, jerr)
+	}
+	var failed []string
+	for _, r := range results {
+		logf("deploy: spool doctor in the node pod: %-4s %s: %s", r.Verdict, r.Check, r.Detail)
+		if r.Verdict == "fail" {
+			failed = append(failed, r.Check+": "+r.Detail)
+		}
+	}
+	if err != nil || len(failed) > 0 {
+		return fmt.Errorf("spool doctor in the node pod %s: %v; failed: %s", pod, err, strings.Join(failed, "; "))
+	}
+	return nil
 }
 
 // waitWorkloads waits for every DaemonSet and Deployment in the rendered
