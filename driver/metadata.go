@@ -51,10 +51,11 @@ func (d *Controller) GetMetadataAllocated(req *csi.GetMetadataAllocatedRequest, 
 			BlockMetadata:       list,
 		})
 	}}
-	if err := extents.Allocated(ctx, img, from, s.SizeBytes, out.add); err != nil {
-		return streamError(ctx, err, "listing the allocated ranges of snapshot %s", s.ID)
+	err = extents.Allocated(ctx, img, from, s.SizeBytes, out.add)
+	if err == nil {
+		err = out.close()
 	}
-	if err := out.close(); err != nil {
+	if err != nil {
 		return streamError(ctx, err, "listing the allocated ranges of snapshot %s", s.ID)
 	}
 	klog.V(2).InfoS("Listed the allocated ranges of a snapshot", "snapshotID", s.ID, "startingOffset", from,

@@ -127,9 +127,13 @@ func checkFilesystems(ctx context.Context, sys System) []Result {
 			bad = Fail
 		}
 		var missing []string
-		for _, t := range ft.tools {
-			if _, err := sys.LookPath(t); err != nil {
+		mkfs := ""
+		for i, t := range ft.tools {
+			p, err := sys.LookPath(t)
+			if err != nil {
 				missing = append(missing, t)
+			} else if i == 0 {
+				mkfs = p
 			}
 		}
 		var notes []string
@@ -147,8 +151,8 @@ func checkFilesystems(ctx context.Context, sys System) []Result {
 		if len(missing) > 0 {
 			notes = append(notes, "missing "+strings.Join(missing, ", "))
 			r.Verdict, r.Fix = bad, "apt-get install "+ft.pkg+" (in the node image)"
-		} else if p, err := sys.LookPath(ft.tools[0]); err == nil {
-			notes = append(notes, ft.tools[0]+" "+sys.Version(ctx, p, ft.versionArgs...))
+		} else {
+			notes = append(notes, ft.tools[0]+" "+sys.Version(ctx, mkfs, ft.versionArgs...))
 		}
 		r.Detail = strings.Join(notes, "; ")
 		if r.Verdict != OK && !ft.required {
