@@ -13,7 +13,7 @@ STATICCHECK_VERSION := v0.8.2
 IMAGE ?= ghcr.io/spool-csi/spool:$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-external e2e-flavours e2e-tools bench run demo lint fmt vet staticcheck fuzz image clean
+.PHONY: all build test test-race test-faults test-unit sanity e2e e2e-deploy e2e-external e2e-flavours e2e-tools chart bench run demo lint fmt vet staticcheck fuzz image clean
 
 all: build
 
@@ -63,6 +63,9 @@ e2e-flavours: build ## e2e-deploy and e2e-external together, one cluster per fla
 	hack/need.sh e2e
 	hack/e2e.sh --flavours
 
+chart: ## helm lint charts/spool, and check it renders what deploy/ does (builds helm and kubectl into .cache/e2e if missing)
+	hack/chart.sh
+
 run: build ## start the driver on a temp pool, walk one volume through its life, keep serving
 	hack/need.sh run
 	hack/run.sh
@@ -82,10 +85,12 @@ vet:
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./test/e2e/...
 	$(GO) vet -tags faults ./test/faults/...
+	$(GO) vet -tags chart ./test/chart/...
 
 staticcheck:
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) -tags e2e ./test/e2e/...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) -tags chart ./test/chart/...
 
 lint: vet staticcheck ## gofmt, vet, staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi

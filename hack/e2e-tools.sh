@@ -10,6 +10,7 @@
 #   $SPOOL_E2E_CACHE/sidecars-<go.sum hash>/external-snapshotter-<ver>/crds/*.yaml
 #   $SPOOL_E2E_CACHE/snapshot-metadata-<hash>/bin/{csi-snapshot-metadata,spool-cbt-lister}
 #   $SPOOL_E2E_CACHE/snapshot-metadata-<hash>/crds/  the SnapshotMetadataService CRD
+#   $SPOOL_E2E_CACHE/helm-<ver>-<hash>/bin/helm   (make chart, the chart flavour)
 #
 # With --external it also builds e2e-storage.test (the External.Storage specs
 # of the Kubernetes e2e suite), agnhost and the ginkgo CLI (make e2e-external).
@@ -242,7 +243,23 @@ if [ ! -d "$CBT/crds" ]; then
   log "SnapshotMetadataService CRD copied to $CBT/crds"
 fi
 ln -sfn "../$(basename "$CBT")/crds" "$K8S_DIR/cbt-crds"
-if [ ${#FAILED[@]} -gt 0 ]; then die "sidecar builds failed: ${FAILED[*]}"; fi
+
+# Helm, from a module of its own (test/e2e/tools/helm): make chart lints and
+# renders charts/spool with it, and the deploy tier installs a flavour with
+# it.
+HELM_MOD=$TOOLS_DIR/helm
+[ -f "$HELM_MOD/go.sum" ] || die "$HELM_MOD/go.sum is missing"
+HELM_VER=$(module_version "$HELM_MOD" helm.sh/helm/v4)
+HELM_DIR=$CACHE/helm-$HELM_VER-$(sha256sum "$HELM_MOD/go.sum" | cut -c1-12)
+ENV_LINES+=("HELM_VERSION=$HELM_VER")
+log "helm $HELM_VER from $HELM_MOD/go.mod"
+if build_many "$HELM_DIR/bin" "$HELM_MOD" "-X helm.sh/helm/v4/internal/version.version=$HELM_VER" \
+  helm=helm.sh/helm/v4/cmd/helm; then
+  ln -sfn "../../$(basename "$HELM_DIR")/bin/helm" "$BIN/helm"
+else
+  FAILED+=("helm $HELM_VER")
+fi
+if [ ${#FAILED[@]} -gt 0 ]; then die "builds failed: ${FAILED[*]}"; fi
 
 # ---------------------------------------------------------------------------
 {
