@@ -27,7 +27,13 @@
 # Extra arguments go to the test binary, e.g.
 #   hack/e2e.sh -test.run TestAttach
 # E2E_FLAVOURS="local" limits --deploy, --external and --flavours to those
-# flavours.
+# flavours. E2E_INSTALL says how each flavour is installed (default
+# "single-node=adopt shared=helm"; a flavour it does not name: kustomize):
+# kustomize is kubectl apply -k deploy/<flavour>; helm is helm install
+# charts/spool with the values of that flavour (make chart checks that both
+# give the same objects); adopt is kubectl apply -k, then the move to Helm
+# of docs/operations.md (charts/spool/adopt.sh and helm install), which must
+# not restart a pod. E2E_INSTALL="" applies every flavour with kustomize.
 set -euo pipefail
 DEPLOY=false EXTERNAL=false
 case "${1:-}" in
@@ -56,6 +62,15 @@ source "${SPOOL_E2E_CACHE:-$REPO/.cache/e2e}/k8s-$K8S_VERSION/versions.env"
 export E2E_BIN E2E_CRDS E2E_CBT_CRDS
 echo "e2e: tools ready in $(( $(date +%s) - t0 ))s"
 
+# install_args FLAVOUR: how the deploy tier installs it.
+install_args() {
+  local pair how=kustomize
+  for pair in ${E2E_INSTALL-single-node=adopt shared=helm}; do
+    [ "${pair%%=*}" = "$1" ] && how=${pair#*=}
+  done
+  echo "-e2e.install $how"
+}
+
 # run_tests ARGS...: one run of the e2e binary (one cluster), output filtered.
 run_tests() {
   local rc
@@ -76,8 +91,9 @@ if $EXTERNAL; then
   if $DEPLOY; then tests="$DEPLOY_TESTS|$tests" what="deploy scenarios and external storage suite"; fi
   for flavour in ${E2E_FLAVOURS:-single-node local shared}; do
     t1=$(date +%s)
-    echo "e2e: $what, deploy/$flavour"
-    run_tests -test.run "$tests" -e2e.flavour "$flavour" \
+    echo "e2e: $what, deploy/$flavour ($(install_args "$flavour"))"
+    # shellcheck disable=SC2046 # two words on purpose
+    run_tests -test.run "$tests" -e2e.flavour "$flavour" $(install_args "$flavour") \
       -e2e.external "external/test-driver-$flavour.yaml" \
       -e2e.external-report "$REPO/_output/e2e-external/$flavour" "$@" || rc=$?
     echo "e2e: $what, deploy/$flavour, finished in $(( $(date +%s) - t1 ))s"
@@ -85,8 +101,9 @@ if $EXTERNAL; then
 elif $DEPLOY; then
   for flavour in ${E2E_FLAVOURS:-single-node local shared}; do
     t1=$(date +%s)
-    echo "e2e: deploy/$flavour"
-    run_tests -e2e.flavour "$flavour" -test.run "$DEPLOY_TESTS" "$@" || rc=$?
+    echo "e2e: deploy/$flavour ($(install_args "$flavour"))"
+    # shellcheck disable=SC2046 # two words on purpose
+    run_tests -e2e.flavour "$flavour" $(install_args "$flavour") -test.run "$DEPLOY_TESTS" "$@" || rc=$?
     echo "e2e: deploy/$flavour finished in $(( $(date +%s) - t1 ))s"
     [ "$rc" = 0 ] || break
   done

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io/fs"
 	"os"
@@ -33,6 +34,9 @@ const (
 	sharedMount = "/mnt/spool-share"
 	sharedPool  = sharedMount + "/spool"
 )
+
+// install says how the deploy tier installs the flavour.
+var install = flag.String("e2e.install", "kustomize", "with -e2e.flavour: install it with kubectl apply -k deploy/<flavour> (kustomize) or helm install charts/spool (helm)")
 
 // flavourPoolDir is where the flavour's pool `default` is on the node.
 func flavourPoolDir() string {
@@ -121,6 +125,155 @@ func setupSnapshotMetadata(ctx context.Context, root string) (func() error, erro
 	}, nil
 }
 
+// installer installs the flavour as a user would (-e2e.install):
+//   - kustomize: kubectl apply -k of the flavour's directory;
+//   - helm: helm install of charts/spool with the values that select the
+//     same flavour;
+//   - adopt: kubectl apply -k, then the move to Helm that
+//     docs/operations.md describes (charts/spool/adopt.sh, helm install),
+//     which must not restart a pod.
+type installer struct {
+	mode     string
+	helm     bool     // helm or adopt: removed with helm uninstall
+	dir      string   // kustomize
+	chart    string   // helm
+	sets     []string // helm --set
+	flavour  string
+	describe string
+}
+
+func newInstaller(root, dir string, cbt bool) (*installer, error) {
+	sets := []string{"flavour=" + *flavour}
+	if cbt {
+		sets = append(sets, "snapshotMetadata.enabled=true")
+	}
+	in := &installer{mode: *install, dir: dir, chart: filepath.Join(root, "charts", "spool"), sets: sets, flavour: *flavour}
+	helmInstall := "helm install spool charts/spool --set " + strings.Join(sets, ",")
+	switch *install {
+	case "kustomize":
+		in.describe = "kubectl apply -k deploy/" + *flavour
+	case "helm":
+		in.helm, in.describe = true, helmInstall
+	case "adopt":
+		in.helm, in.describe = true, "kubectl apply -k deploy/"+*flavour+", charts/spool/adopt.sh, "+helmInstall+" --force-conflicts"
+	default:
+		return nil, fmt.Errorf("-e2e.install %q: kustomize, helm or adopt", *install)
+	}
+	return in, nil
+}
+
+func (in *installer) String() string { return in.describe }
+
+// helmCmd runs the cache's helm against the cluster.
+func helmCmd(ctx context.Context, args ...string) (string, error) {
+	c := env.c
+	cmd := exec.CommandContext(ctx, c.Bin("helm"), append([]string{"--kubeconfig", c.Kubeconfig, "--namespace", systemNS}, args...)...)
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.String(), fmt.Errorf("helm %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
+
+func (in *installer) setArgs() []string {
+	var out []string
+	for _, s := range in.sets {
+		out = append(out, "--set", s)
+	}
+	return out
+}
+
+// render returns the manifests the install applies.
+func (in *installer) render(ctx context.Context) (string, error) {
+	if in.mode != "helm" {
+		return env.c.Kubectl(ctx, "kustomize", in.dir)
+	}
+	return helmCmd(ctx, append([]string{"template", "spool", in.chart}, in.setArgs()...)...)
+}
+
+// install applies the flavour. Helm installs into a namespace that exists
+// (setupFlavour made it), labelled for the privileged node plugin as
+// charts/spool/README.md says.
+func (in *installer) install(ctx context.Context) error {
+	if in.mode != "helm" {
+		if _, err := env.c.Kubectl(ctx, "apply", "-k", in.dir); err != nil {
+			return err
+		}
+	}
+	if in.mode == "kustomize" {
+		return nil
+	}
+	var before, rendered string
+	if in.mode == "adopt" {
+		var err error
+		if rendered, err = in.render(ctx); err != nil {
+			return err
+		}
+		if err := waitWorkloads(ctx, rendered); err != nil {
+			return err
+		}
+		if before, err = podUIDs(ctx); err != nil {
+			return err
+		}
+		cmd := exec.CommandContext(ctx, filepath.Join(in.chart, "adopt.sh"), "-k", in.dir, "-n", systemNS)
+		cmd.Env = append(os.Environ(), "KUBECTL="+env.c.Bin("kubectl")+" --kubeconfig="+env.c.Kubeconfig)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("charts/spool/adopt.sh: %w\n%s", err, out)
+		}
+	}
+	if _, err := env.c.Kubectl(ctx, "label", "namespace", systemNS, "--overwrite",
+		"pod-security.kubernetes.io/enforce=privileged", "pod-security.kubernetes.io/audit=privileged",
+		"pod-security.kubernetes.io/warn=privileged"); err != nil {
+		return err
+	}
+	args := append([]string{"install", "spool", in.chart}, in.setArgs()...)
+	if in.mode == "adopt" {
+		// kubectl apply owns the fields; the release takes them over
+		// (docs/operations.md).
+		args = append(args, "--force-conflicts")
+	}
+	if _, err := helmCmd(ctx, args...); err != nil {
+		return err
+	}
+	if in.mode == "adopt" {
+		// The chart renders the kustomize flavour's pod templates: taking
+		// the objects over must leave every pod as it was.
+		if err := waitWorkloads(ctx, rendered); err != nil {
+			return err
+		}
+		after, err := podUIDs(ctx)
+		if err != nil {
+			return err
+		}
+		if after != before {
+			return fmt.Errorf("the move to Helm replaced pods: before %s; after %s", before, after)
+		}
+	}
+	return nil
+}
+
+// podUIDs lists the pods in Spool's namespace with their UIDs.
+func podUIDs(ctx context.Context) (string, error) {
+	return env.c.Kubectl(ctx, "get", "pods", "-n", systemNS, "--sort-by=.metadata.name",
+		"-o", `jsonpath={range .items[*]}{.metadata.name}={.metadata.uid} {end}`)
+}
+
+// uninstall removes what install applied, and waits for it to go.
+func (in *installer) uninstall(ctx context.Context) error {
+	if !in.helm {
+		_, err := env.c.Kubectl(ctx, "delete", "-k", in.dir, "--wait", "--timeout=180s")
+		return err
+	}
+	if _, err := helmCmd(ctx, "uninstall", "spool", "--wait", "--timeout", "180s"); err != nil {
+		return err
+	}
+	// The release is gone; the namespace is the user's (README), and goes
+	// last, as kubectl delete -k removes it.
+	_, err := env.c.Kubectl(ctx, "delete", "namespace", systemNS, "--wait", "--timeout=180s")
+	return err
+}
+
 func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (func() error, error) {
 	c := env.c
 	dir := filepath.Join(root, "deploy", *flavour)
@@ -183,7 +336,12 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 	}
 	logf("deploy: every flavour and example passed the server-side dry run in %.1fs", time.Since(t0).Seconds())
 
-	rendered, err := c.Kubectl(ctx, "kustomize", dir)
+	cbt := dir != filepath.Join(root, "deploy", *flavour)
+	inst, err := newInstaller(root, dir, cbt)
+	if err != nil {
+		return stopSnap, err
+	}
+	rendered, err := inst.render(ctx)
 	if err != nil {
 		return stopSnap, err
 	}
@@ -194,23 +352,28 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 	}
 	logf("deploy: made and imported %d images in %.1fs: %s", len(images), time.Since(t0).Seconds(), strings.Join(images, ", "))
 
-	applied := time.Now()
-	if _, err := c.Kubectl(ctx, "apply", "-k", dir); err != nil {
-		return stopSnap, fmt.Errorf("apply deploy/%s: %w", *flavour, err)
-	}
+	// up: the flavour came up, and the scenarios may have run.
+	up := false
 	teardown := func() error {
 		var errs []error
-		if err := checkNothingLeft(context.Background()); err != nil {
-			errs = append(errs, fmt.Errorf("after the scenarios: %w", err))
+		if up {
+			if err := checkNothingLeft(context.Background()); err != nil {
+				errs = append(errs, fmt.Errorf("after the scenarios: %w", err))
+			}
 		}
-		if _, err := c.Kubectl(context.Background(), "delete", "-k", dir, "--wait", "--timeout=180s"); err != nil {
+		if err := inst.uninstall(context.Background()); err != nil {
 			errs = append(errs, err)
 		}
 		if err := nodeClean(); err != nil {
-			errs = append(errs, fmt.Errorf("after deleting deploy/%s: %w", *flavour, err))
+			errs = append(errs, fmt.Errorf("after removing deploy/%s: %w", *flavour, err))
 		}
 		errs = append(errs, forceDetachLoops(flavourPoolDir()), stopSnap())
 		return errors.Join(errs...)
+	}
+	applied := time.Now()
+	if err := inst.install(ctx); err != nil {
+		// What it applied before it failed goes too.
+		return teardown, fmt.Errorf("%s: %w", inst, err)
 	}
 	if err := waitWorkloads(ctx, rendered); err != nil {
 		out, _ := c.Kubectl(ctx, "get", "pods,events", "-n", systemNS, "-o", "wide")
@@ -221,12 +384,13 @@ func setupFlavour(ctx context.Context, root string, logf func(string, ...any)) (
 	if err := registered(ctx); err != nil {
 		return teardown, err
 	}
-	logf("deploy: kubectl apply -k deploy/%s to all pods Ready: %.1fs; driver registered with kubelet after %.1fs",
-		*flavour, ready.Seconds(), time.Since(applied).Seconds())
+	logf("deploy: %s to all pods Ready: %.1fs; driver registered with kubelet after %.1fs",
+		inst, ready.Seconds(), time.Since(applied).Seconds())
 	if err := doctorInNodePod(ctx, logf); err != nil {
 		return teardown, err
 	}
 	env.poolDir, env.socket = flavourPoolDir(), flavourSocket
+	up = true
 	return teardown, nil
 }
 
