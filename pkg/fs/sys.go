@@ -199,14 +199,22 @@ func allZero(b []byte) bool {
 }
 
 // mkfsArgs are the arguments of mkfs.<fsType> for a blank device, as
-// k8s.io/mount-utils gives them (ext4: no blocks reserved for root).
+// k8s.io/mount-utils gives them (ext4: no blocks reserved for root), and
+// without discarding the device first. A blank image reads as zeros
+// already (a sparse file's holes, a thick one's preallocated extents), so
+// the discard gains nothing, and on a loop device it punches holes in the
+// image: a thick volume lost its whole preallocation to mkfs (1 GiB image:
+// 33 MiB allocated after mkfs.ext4, 65 MiB after mkfs.xfs, 4.6 MiB after
+// mkfs.btrfs).
 func mkfsArgs(fsType, device string, formatOptions []string) []string {
 	args := []string{device}
 	switch fsType {
 	case "ext4", "ext3":
-		args = []string{"-F", "-m0", device}
+		args = []string{"-F", "-m0", "-E", "nodiscard", device}
 	case "xfs":
-		args = []string{"-f", device}
+		args = []string{"-f", "-K", device}
+	case "btrfs":
+		args = []string{"-K", device}
 	}
 	return append(append([]string(nil), formatOptions...), args...)
 }
