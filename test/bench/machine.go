@@ -28,6 +28,7 @@ type facts struct {
 	goVersion  string
 	wall       string
 	xfsPool    string
+	dataPools  []string // figure 4's pool filesystems
 }
 
 func collectFacts(spool, poolDir string) facts {

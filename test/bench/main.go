@@ -41,7 +41,10 @@ type config struct {
 	snapRuns    int // figure 3
 	snapDataMiB int
 	cbtGiB      int
-	dataMiB     int // figure 4: size of the sequential file
+	dataMiB     int    // figure 6: size of the sequential file
+	dpMiB       int    // figure 4: size of the file
+	dpRounds    int    // figure 4: rounds
+	dataPools   string // figure 4: pool filesystems, comma-separated
 	dataRounds  int
 	randTime    time.Duration
 	randDepth   int
@@ -62,10 +65,13 @@ func parseFlags() config {
 	flag.IntVar(&c.snapRuns, "snapshot-runs", 3, "figure 3: snapshots and restores per pool")
 	flag.IntVar(&c.snapDataMiB, "snapshot-data-mib", 512, "figure 3: random data in the 1 GiB volume")
 	flag.IntVar(&c.cbtGiB, "cbt-gib", 10, "figure 7: size of the volume")
-	flag.IntVar(&c.dataMiB, "data-mib", 1024, "figure 4: size of the sequential file")
-	flag.IntVar(&c.dataRounds, "data-rounds", 7, "figure 4: rounds of each measurement")
-	flag.DurationVar(&c.randTime, "rand-time", 3*time.Second, "figure 4: duration of one random read run")
-	flag.IntVar(&c.randDepth, "rand-depth", 16, "figure 4: random reads in flight")
+	flag.IntVar(&c.dataMiB, "data-mib", 1024, "figure 6: size of the sequential file")
+	flag.IntVar(&c.dataRounds, "data-rounds", 7, "figure 6: rounds of each measurement")
+	flag.IntVar(&c.dpMiB, "data-path-mib", 2048, "figure 4: size of the file in the volume and in the plain directory")
+	flag.IntVar(&c.dpRounds, "data-path-rounds", 5, "figure 4: rounds of each measurement")
+	flag.StringVar(&c.dataPools, "data-pools", "ext4,xfs,btrfs", "figure 4: the pool filesystems to measure")
+	flag.DurationVar(&c.randTime, "rand-time", 2*time.Second, "figure 4: duration of one random run")
+	flag.IntVar(&c.randDepth, "rand-depth", 16, "figure 4: random requests in flight")
 	flag.IntVar(&c.scaleVols, "scale-volumes", 1000, "figure 5: volumes in the pool")
 	flag.IntVar(&c.restarts, "restarts", 6, "figure 5: driver restarts (alternately with the page cache dropped and warm)")
 	flag.BoolVar(&c.quick, "quick", false, "tiny counts, to check the bench itself")
@@ -74,6 +80,7 @@ func parseFlags() config {
 	if c.quick {
 		c.seqVolumes, c.rateRounds, c.stageIters, c.snapRuns, c.snapDataMiB, c.cbtGiB = 20, 2, 3, 1, 64, 1
 		c.dataMiB, c.dataRounds, c.randTime, c.scaleVols, c.restarts = 64, 2, time.Second, 100, 2
+		c.dpMiB, c.dpRounds = 64, 2
 	}
 	return c
 }
@@ -108,11 +115,13 @@ type bench struct {
 	c    *csiclient.Client // its connection
 	undo cleanups
 
-	rows    []row
-	facts   facts
-	peakRSS int64   // highest VmHWM of all driver processes so far
-	rttMs   float64 // median Probe round trip, to explain control-plane figures
-	spawnMs float64 // median time to run true(1), to explain node figures
+	rows  []row
+	facts facts
+	// dataMatrix is figure 4's rates per pool filesystem and provisioning.
+	dataMatrix string
+	peakRSS    int64   // highest VmHWM of all driver processes so far
+	rttMs      float64 // median Probe round trip, to explain control-plane figures
+	spawnMs    float64 // median time to run true(1), to explain node figures
 }
 
 func run(ctx context.Context, cfg config) (report string, err error) {

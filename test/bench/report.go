@@ -16,9 +16,12 @@ func (b *bench) render() string {
 	}
 	fmt.Fprintf(&w, "- CPUs (nproc): %d, %s; memory %s\n", f.nproc, f.cpuModel, f.memTotal)
 	fmt.Fprintf(&w, "- kernel: Linux %s\n", f.kernel)
-	fmt.Fprintf(&w, "- pool filesystem (figures 1, 2, 4, 5 and the ext4 pools of 3 and 7): %s\n", f.poolFS)
+	fmt.Fprintf(&w, "- pool filesystem (figures 1, 2, 5, 6 and the ext4 pools of 3 and 7): %s\n", f.poolFS)
 	if f.xfsPool != "" {
 		fmt.Fprintf(&w, "- xfs pools (figures 3 and 7): %s\n", f.xfsPool)
+	}
+	for _, d := range f.dataPools {
+		fmt.Fprintf(&w, "- figure 4 pool, %s\n", d)
 	}
 	fmt.Fprintf(&w, "- load average (1, 5, 15 min): %s before, %s after\n", f.loadBefore, f.loadAfter)
 	fmt.Fprintf(&w, "- driver: bin/spool %s, a child process of the bench, `-v 0`\n", f.spool)
@@ -36,6 +39,9 @@ shows the median (and 10th percentile) of those per-round ratios. "met?"
 judges the median.
 
 `)
+	if b.dataMatrix != "" {
+		fmt.Fprintf(&w, "### Figure 4: the data path per pool filesystem\n\n%s\n", b.dataMatrix)
+	}
 	var missed []string
 	for _, r := range b.rows {
 		if r.missed() {
@@ -88,14 +94,18 @@ call as the client sees it, gRPC included (see the Probe round trip).
    a 3 GiB sparse image attached to a loop device; the ext4 pool is the main
    driver's. The copy method comes from the driver's snapshot.json and
    volume.json.
-4. **Data path**: a file of %[8]d MiB in a published ext4 volume (thin, %[9]d
-   MiB, loop device with direct I/O) against a file in a plain directory of
-   the pool's filesystem. Both files are written once before measuring, so
-   every measured write overwrites allocated blocks. %[10]d rounds; in each,
-   every measurement runs on both files back to back (the volume first in
-   even rounds), with the page cache dropped before each run. All I/O is
-   O_DIRECT; sequential runs keep one 1 MiB request in flight, and writes end
-   with an fsync.
+4. **Data path**: for each pool filesystem (%[17]s), a second driver
+   on a pool made on that filesystem, itself on a sparse image on a loop
+   device with direct I/O; in it, a thin and then a thick published ext4
+   volume of %[20]d MiB (loop device with direct I/O) with a file of %[19]d
+   MiB, against a file in a plain directory of the same pool filesystem.
+   The first write of each file (into the holes of a thin image, the
+   preallocated extents of a thick one, a new plain file) is timed once;
+   every later write overwrites allocated blocks. Then %[21]d rounds; in
+   each, every measurement runs on both files back to back (the volume
+   first in even rounds), with the page cache dropped before each run. All
+   I/O is O_DIRECT; sequential runs keep one 1 MiB request in flight;
+   random runs last %[18]v each; writes end with an fsync.
 5. **Scale**: %[11]d thin 64 MiB volumes created by %[3]d callers, %[12]d
    one-at-a-time creates and deletes timed with the pool full, then %[13]d
    restarts (SIGTERM, wait for exit, start; page cache dropped before every
@@ -126,5 +136,5 @@ call as the client sees it, gRPC included (see the Probe round trip).
 The driver's peak RSS is the highest VmHWM of any driver process of the run,
 read just before it was stopped.
 `, c.seqVolumes, c.rateRounds, c.callers, 10*c.callers, c.stageIters, c.snapDataMiB, c.snapRuns,
-		c.dataMiB, 2*c.dataMiB, c.dataRounds, c.scaleVols, scaleSingles, c.restarts, walksPerStart, listPage, c.cbtGiB)
+		c.dataMiB, 2*c.dataMiB, c.dataRounds, c.scaleVols, scaleSingles, c.restarts, walksPerStart, listPage, c.cbtGiB, c.dataPools, c.randTime, c.dpMiB, 2*c.dpMiB, c.dpRounds)
 }

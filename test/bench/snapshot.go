@@ -56,49 +56,75 @@ func (b *bench) figureSnapshots(ctx context.Context) (err error) {
 // driver, called name, whose pool lives there. The steps to undo it all go
 // on undo.
 func (b *bench) startXFSPool(ctx context.Context, undo *cleanups, name string, n int64) (*csiclient.Client, string, error) {
+	c, poolDir, facts, err := b.startScratchPool(ctx, undo, name, "xfs", n)
+	if err == nil {
+		b.facts.xfsPool = facts
+	}
+	return c, poolDir, err
+}
+
+// mkfsArgs are the commands that make each scratch pool filesystem: xfs
+// with reflink (the default of current xfsprogs, said anyway), btrfs and
+// ext4 with their defaults.
+var mkfsArgs = map[string][]string{
+	"xfs":   {"mkfs.xfs", "-q", "-f", "-m", "reflink=1"},
+	"ext4":  {"mkfs.ext4", "-q", "-F"},
+	"btrfs": {"mkfs.btrfs", "-q", "-f"},
+}
+
+// startScratchPool makes a filesystem of type fsType and n bytes on a
+// sparse image attached to a loop device (direct I/O), mounts it, and
+// starts a second driver, called name, whose pool lives there. It returns
+// the client, the pool directory and a description of the filesystem; the
+// steps to undo it all go on undo.
+func (b *bench) startScratchPool(ctx context.Context, undo *cleanups, name, fsType string, n int64) (*csiclient.Client, string, string, error) {
+	mkfs, ok := mkfsArgs[fsType]
+	if !ok {
+		return nil, "", "", fmt.Errorf("no scratch pool of type %q", fsType)
+	}
 	img := filepath.Join(b.work, name+"-pool.img")
 	mnt := filepath.Join(b.work, name+"-pool")
 	if err := makeSparseFile(img, n); err != nil {
-		return nil, "", fmt.Errorf("xfs pool image: %w", err)
+		return nil, "", "", fmt.Errorf("%s pool image: %w", fsType, err)
 	}
 	dev, err := loop.Attach(img, loop.Options{DirectIO: true})
 	if err != nil {
-		return nil, "", fmt.Errorf("xfs pool: %w", err)
+		return nil, "", "", fmt.Errorf("%s pool: %w", fsType, err)
 	}
-	undo.add("detach the xfs pool's loop device", func() error { return loop.Detach(dev.Path) })
-	undo.add("remove the xfs pool's image", func() error { return os.Remove(img) })
-	if out, err := exec.CommandContext(ctx, "mkfs.xfs", "-q", "-f", "-m", "reflink=1", dev.Path).CombinedOutput(); err != nil {
-		return nil, "", fmt.Errorf("mkfs.xfs %s: %w: %s", dev.Path, err, out)
+	undo.add("detach the "+name+" pool's loop device", func() error { return loop.Detach(dev.Path) })
+	undo.add("remove the "+name+" pool's image", func() error { return os.Remove(img) })
+	if out, err := exec.CommandContext(ctx, mkfs[0], append(mkfs[1:], dev.Path)...).CombinedOutput(); err != nil {
+		return nil, "", "", fmt.Errorf("%s %s: %w: %s", mkfs[0], dev.Path, err, out)
 	}
 	if err := os.Mkdir(mnt, 0o750); err != nil {
-		return nil, "", fmt.Errorf("xfs pool: %w", err)
+		return nil, "", "", fmt.Errorf("%s pool: %w", fsType, err)
 	}
-	if err := unix.Mount(dev.Path, mnt, "xfs", 0, ""); err != nil {
-		return nil, "", fmt.Errorf("mounting xfs pool %s on %s: %w", dev.Path, mnt, err)
+	if err := unix.Mount(dev.Path, mnt, fsType, 0, ""); err != nil {
+		return nil, "", "", fmt.Errorf("mounting %s pool %s on %s: %w", fsType, dev.Path, mnt, err)
 	}
-	undo.add("unmount the xfs pool", func() error { return unix.Unmount(mnt, 0) })
-	b.facts.xfsPool = fmt.Sprintf("%s; a sparse file on the pool filesystem, on %s with direct I/O, mkfs.xfs -m reflink=1",
-		filesystemOf(mnt), dev.Path)
+	undo.add("unmount the "+name+" pool", func() error { return unix.Unmount(mnt, 0) })
+	facts := fmt.Sprintf("%s; a sparse file on the pool filesystem, on %s with direct I/O, %s",
+		filesystemOf(mnt), dev.Path, strings.Join(mkfs, " "))
 
 	poolDir := filepath.Join(mnt, "pool")
 	d, err := startDriver(b.spool, name, filepath.Join(b.work, name), poolDir)
 	if err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
-	undo.add("stop the xfs pool's driver", func() error {
+	undo.add("stop the "+name+" pool's driver", func() error {
 		err := d.stop()
 		b.peakRSS = max(b.peakRSS, d.peakRSS)
 		return err
 	})
 	if _, err := d.waitReady(ctx, 30*time.Second); err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
 	c, err := csiclient.Dial(d.endpoint)
 	if err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
-	undo.add("close the xfs pool's connection", c.Close)
-	return c, poolDir, nil
+	undo.add("close the "+name+" pool's connection", c.Close)
+	return c, poolDir, facts, nil
 }
 
 // snapshotRuns fills a 1 GiB block volume with random data through its
