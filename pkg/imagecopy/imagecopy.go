@@ -149,6 +149,7 @@ func copyFile(ctx context.Context, srcFd int, src string, dst target) (res resul
 		return fmt.Errorf("copy %s to %s: %s: %w", src, dst, what, err)
 	}
 
+	matchNoCOW(srcFd, dstFd)
 	cloneErr := ignoringEINTR(func() error { return unix.IoctlFileClone(dstFd, srcFd) })
 	switch {
 	case cloneErr == nil:

@@ -366,6 +366,11 @@ func makeImage(tmp *scratch, bytes int64, prov Provisioning) error {
 		return err
 	}
 	defer func() { _ = f.Close() }()
+	// On btrfs, an image without copy-on-write (imagecopy.MarkNoCOW); a
+	// failure costs speed, not data.
+	if _, err := imagecopy.MarkNoCOW(f); err != nil {
+		klog.InfoS("Image keeps copy-on-write", "pool", tmp.p.name, "err", err)
+	}
 	if err := sizeFile(f, bytes, prov); err != nil {
 		return err
 	}
