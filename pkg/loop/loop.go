@@ -116,12 +116,16 @@ const (
 	// 50+100+200+400 ms between five tries.
 	detachTries   = 5
 	detachBackoff = 50 * time.Millisecond
-
-	// teardownTimeout is how long Detach waits for the kernel to finish the
-	// deferred teardown after LOOP_CLR_FD when another process (typically
-	// udev's blkid) has the device open.
-	teardownTimeout = 2 * time.Second
 )
+
+// teardownTimeout is how long Detach waits for the kernel to finish the
+// deferred teardown after LOOP_CLR_FD when another process (typically
+// udev's blkid, or another attacher listing the loop devices) has the
+// device open. 2 s was too short on a machine busy with I/O: a NodeUnstage
+// of make test's TestNodeOperationStorm failed so in .ci/run while
+// Kubernetes compiled beside it. The CO's own timeout is longer (the
+// sidecars' --timeout=60s). A variable for the tests.
+var teardownTimeout = 10 * time.Second
 
 var devPathRE = regexp.MustCompile(`^/dev/loop([0-9]+)$`)
 

@@ -459,6 +459,8 @@ func TestDetachExclusiveHolder(t *testing.T) {
 // LOOP_CLR_FD on a device someone holds open only arms autoclear; Detach
 // waits for the last close, or reports ErrBusy if it does not come.
 func TestDetachOpenHolder(t *testing.T) {
+	defer func(d time.Duration) { teardownTimeout = d }(teardownTimeout)
+	teardownTimeout = 500 * time.Millisecond
 	dir := setup(t)
 	img := filepath.Join(dir, "open.img")
 	sparseFile(t, img, mib)
