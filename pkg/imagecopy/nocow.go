@@ -19,13 +19,10 @@ func attrFlags(fd int) (uint32, error) {
 	return unix.IoctlGetUint32(fd, unix.FS_IOC_GETFLAGS)
 }
 
-// setNoCOW turns the flag on or off on fd, which must be an empty file:
-// btrfs only changes it on a file without data.
-func setNoCOW(fd int, on bool) error {
-	flags, err := attrFlags(fd)
-	if err != nil {
-		return fmt.Errorf("FS_IOC_GETFLAGS: %w", err)
-	}
+// setNoCOW turns the flag on or off on fd, which must be an empty file
+// (btrfs only changes it on a file without data); flags are its current
+// inode flags.
+func setNoCOW(fd int, flags uint32, on bool) error {
 	want := flags &^ fsNoCOWFlag
 	if on {
 		want |= fsNoCOWFlag
@@ -55,7 +52,11 @@ func MarkNoCOW(f *os.File) (bool, error) {
 	if st.Type != unix.BTRFS_SUPER_MAGIC {
 		return false, nil
 	}
-	if err := setNoCOW(int(f.Fd()), true); err != nil {
+	flags, err := attrFlags(int(f.Fd()))
+	if err != nil {
+		return false, fmt.Errorf("nodatacow %s: FS_IOC_GETFLAGS: %w", f.Name(), err)
+	}
+	if err := setNoCOW(int(f.Fd()), flags, true); err != nil {
 		return false, fmt.Errorf("nodatacow %s: %w", f.Name(), err)
 	}
 	return true, nil
@@ -83,7 +84,7 @@ func matchNoCOW(src, dst int) {
 	if err != nil || sf&fsNoCOWFlag == df&fsNoCOWFlag {
 		return
 	}
-	if err := setNoCOW(dst, sf&fsNoCOWFlag != 0); err != nil && !errors.Is(err, unix.ENOTTY) {
+	if err := setNoCOW(dst, df, sf&fsNoCOWFlag != 0); err != nil && !errors.Is(err, unix.ENOTTY) {
 		klog.V(4).InfoS("Could not match the source's nodatacow flag; the copy may not be a reflink", "err", err)
 	}
 }

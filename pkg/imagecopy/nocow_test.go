@@ -22,7 +22,11 @@ func makeNoCOWDir(t *testing.T, dir string) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if err := setNoCOW(int(d.Fd()), true); err != nil {
+	flags, err := attrFlags(int(d.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := setNoCOW(int(d.Fd()), flags, true); err != nil {
 		t.Fatal(err)
 	}
 }

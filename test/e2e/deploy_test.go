@@ -134,11 +134,9 @@ func setupSnapshotMetadata(ctx context.Context, root string) (func() error, erro
 //     which must not restart a pod.
 type installer struct {
 	mode     string
-	helm     bool     // helm or adopt: removed with helm uninstall
 	dir      string   // kustomize
 	chart    string   // helm
 	sets     []string // helm --set
-	flavour  string
 	describe string
 }
 
@@ -147,15 +145,15 @@ func newInstaller(root, dir string, cbt bool) (*installer, error) {
 	if cbt {
 		sets = append(sets, "snapshotMetadata.enabled=true")
 	}
-	in := &installer{mode: *install, dir: dir, chart: filepath.Join(root, "charts", "spool"), sets: sets, flavour: *flavour}
+	in := &installer{mode: *install, dir: dir, chart: filepath.Join(root, "charts", "spool"), sets: sets}
 	helmInstall := "helm install spool charts/spool --set " + strings.Join(sets, ",")
 	switch *install {
 	case "kustomize":
 		in.describe = "kubectl apply -k deploy/" + *flavour
 	case "helm":
-		in.helm, in.describe = true, helmInstall
+		in.describe = helmInstall
 	case "adopt":
-		in.helm, in.describe = true, "kubectl apply -k deploy/"+*flavour+", charts/spool/adopt.sh, "+helmInstall+" --force-conflicts"
+		in.describe = "kubectl apply -k deploy/" + *flavour + ", charts/spool/adopt.sh, " + helmInstall + " --force-conflicts"
 	default:
 		return nil, fmt.Errorf("-e2e.install %q: kustomize, helm or adopt", *install)
 	}
@@ -261,7 +259,8 @@ func podUIDs(ctx context.Context) (string, error) {
 
 // uninstall removes what install applied, and waits for it to go.
 func (in *installer) uninstall(ctx context.Context) error {
-	if !in.helm {
+	// helm and adopt both end as a Helm release.
+	if in.mode == "kustomize" {
 		_, err := env.c.Kubectl(ctx, "delete", "-k", in.dir, "--wait", "--timeout=180s")
 		return err
 	}
